@@ -1,0 +1,160 @@
+"""The one config system: typed dataclasses, YAML files, key=value overrides."""
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+from hiermodel.errors import UserError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    kind: str = "hat"
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    byte_dim: int = 128  # width of the byte encoder and decoder
+    byte_heads: int = 4
+    byte_kv_heads: int = 2
+    byte_mlp_dim: int = 384
+    byte_window: int = 768  # sliding attention window over bytes
+    backbone_layers: int = 4
+    backbone_dim: int = 256
+    backbone_heads: int = 4
+    backbone_kv_heads: int = 2
+    backbone_mlp_dim: int = 768
+    pool_heads: int = 4
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    compute_dtype: str = "float32"  # or bfloat16; parameters always stay float32
+    remat: bool = False
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: list[str] = dataclasses.field(default_factory=lambda: ["builtin:train"])
+    eval: list[str] = dataclasses.field(default_factory=lambda: ["builtin:eval"])
+    separator: str = ""  # empty: one document per file; else split text files on it
+    jsonl_field: str = "text"
+    max_word_bytes: int = 100
+    row_bytes: int = 1024
+    row_words: int = 256
+    shuffle: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # rows per step, over all processes
+    grad_accum: int = 1
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine or wsd
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_rows: int = 64
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    peak_flops: float = 0.0  # per device; 0 picks a figure for the device kind
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    run_dir: str = "runs/default"
+    init_from: str = ""  # a run directory whose weights (only) start this run
+    seed: int = 0
+
+
+def _coerce(value, annotation, where: str):
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if annotation in (int, float):
+        try:
+            number = float(value) if annotation is float else int(str(value), 0)
+        except ValueError:
+            raise UserError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+        return number
+    if annotation is str:
+        return "" if value is None else str(value)
+    raise TypeError(f"unsupported config type {annotation} at {where}")
+
+
+def _apply(obj, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(hints)
+            raise UserError(f"{where}: unknown key {key!r} (known: {known})")
+        child = getattr(obj, key)
+        if dataclasses.is_dataclass(child):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}.{key}: expected a mapping, got {value!r}")
+            _apply(child, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def from_dict(values: dict, where: str = "config") -> Config:
+    config = Config()
+    _apply(config, values, where)
+    return config
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config and apply `key=value` overrides (dotted keys)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    config = from_dict(values, str(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r}: expected key=value")
+        *parents, leaf = key.split(".")
+        nested: dict = {leaf: value}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        _apply(config, nested, "override")
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,146 @@
+"""The grain input pipeline: documents -> shuffled per-process slice -> words -> packed rows -> batches."""
+
+import dataclasses
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from hiermodel.config import DataConfig
+from hiermodel.data.packing import Document, RowBuilder, chunk_for_scoring, to_document
+from hiermodel.data.sources import DocumentSource
+from hiermodel.errors import UserError
+
+
+def check_shapes(config: DataConfig) -> None:
+    if config.row_bytes < 2 * (config.max_word_bytes + 1):
+        raise UserError(f"data.row_bytes={config.row_bytes} must be at least 2 * (data.max_word_bytes + 1)")
+    if config.row_words < 4:
+        raise UserError(f"data.row_words={config.row_words} must be at least 4")
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Greedy packing that continues a long document in the next row.
+
+    Its state is the parent's state before the document in progress plus how many of that
+    document's words are already packed, so a restore rebuilds exactly the next row.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, row_bytes: int, row_words: int):
+        super().__init__(parent)
+        self._builder = RowBuilder(row_bytes, row_words)
+        self._document: Document | None = None
+        self._offset = 0  # words of the current document already packed
+        self._parent_state = parent.get_state()
+
+    def _next_document(self) -> bool:
+        self._parent_state = self._parent.get_state()
+        try:
+            self._document = next(self._parent)
+        except StopIteration:
+            self._document = None
+            return False
+        self._offset = 0
+        return True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        builder = self._builder
+        while True:
+            if self._document is None and not self._next_document():
+                if builder.empty:
+                    raise StopIteration
+                return builder.finish()
+            doc, offset = self._document, self._offset
+            taken = builder.words_that_fit(doc.word_lengths[offset:])
+            starts = np.concatenate([[0], np.cumsum(doc.word_lengths)])
+            if taken and starts[offset + taken] - starts[offset] >= 2:  # a lone token has no target
+                builder.add(doc.tokens[starts[offset]:starts[offset + taken]],
+                            doc.word_lengths[offset:offset + taken])
+                self._offset = offset + taken
+                if self._offset == doc.num_words:
+                    self._document = None
+                    continue
+            elif builder.empty:
+                self._document = None  # a one-token remainder: nothing to learn from it
+                continue
+            return builder.finish()
+
+    def get_state(self) -> dict:
+        if self._document is None:
+            return {"parent": self._parent.get_state(), "offset": -1}
+        return {"parent": self._parent_state, "offset": self._offset}
+
+    def set_state(self, state: dict) -> None:
+        self._builder.finish()
+        self._parent.set_state(state["parent"])
+        self._document = None
+        if state["offset"] >= 0:
+            self._next_document()
+            self._offset = state["offset"]
+
+
+class PackIterDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, row_bytes: int, row_words: int):
+        super().__init__(parent)
+        self._row_bytes, self._row_words = row_bytes, row_words
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self._row_bytes, self._row_words)
+
+
+def train_dataset(config: DataConfig, source: DocumentSource, seed: int, local_batch: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Infinite batches of packed rows for one process; reshuffled every epoch."""
+    check_shapes(config)
+    ds = grain.MapDataset.source(source)
+    if config.shuffle:
+        ds = ds.shuffle(seed=seed)
+    if len(source) < process_count:
+        raise UserError(f"{len(source)} training documents cannot feed {process_count} processes")
+    ds = ds[process_index::process_count].repeat(None)
+    ds = ds.map(lambda data: to_document(data, config.max_word_bytes))
+    ds = PackIterDataset(ds.to_iter_dataset(), config.row_bytes, config.row_words)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)
+
+
+@dataclasses.dataclass
+class ScoringBatch:
+    arrays: dict[str, np.ndarray]  # [batch, ...] rows; tags_BxT name the file of each token
+
+
+def scoring_batches(config: DataConfig, source: DocumentSource, batch_size: int,
+                    max_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Rows that score every byte of every document once, in order, in fixed-size batches.
+
+    Padding rows are all zero (nothing scored). `max_rows` > 0 stops after that many rows.
+    """
+    check_shapes(config)
+    builder = RowBuilder(config.row_bytes, config.row_words)
+    rows, emitted = [], 0
+
+    def flush():
+        nonlocal rows
+        while len(rows) < batch_size:
+            rows.append(RowBuilder(config.row_bytes, config.row_words).finish())
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        rows = []
+        return batch
+
+    for file_number in range(len(source.paths)):
+        for index in source.documents_of(file_number):
+            document = to_document(source[index], config.max_word_bytes)
+            for piece, context in chunk_for_scoring(document, config.row_bytes, config.row_words):
+                if builder.words_that_fit(piece.word_lengths) < piece.num_words:
+                    rows.append(builder.finish())
+                    emitted += 1
+                    if max_rows and emitted >= max_rows:
+                        yield flush()
+                        return
+                    if len(rows) == batch_size:
+                        yield flush()
+                builder.add(piece.tokens, piece.word_lengths, context, tag=file_number)
+    if not builder.empty:
+        rows.append(builder.finish())
+    if rows:
+        yield flush()

@@ -1,0 +1,116 @@
+"""Documents from text files, directories, globs, JSONL, ArrayRecord shards and the built-in corpus."""
+
+import glob as globlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from grain.sources import ArrayRecordDataSource
+
+from hiermodel.data.builtin import builtin_documents
+from hiermodel.errors import UserError
+
+ARRAY_RECORD_SUFFIXES = (".arrayrecord", ".array_record")
+JSONL_SUFFIXES = (".jsonl",)
+
+
+def expand(spec: str) -> list[str]:
+    """Files named by one spec: a file, a directory (recursive) or a glob; 'builtin:SPLIT' as is."""
+    if spec.startswith("builtin:"):
+        return [spec]
+    if any(ch in spec for ch in "*?["):
+        files = sorted(p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise UserError(f"{spec}: the pattern matches no files")
+        return files
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(
+            str(p) for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise UserError(f"{spec}: the directory holds no files")
+        return files
+    if not path.exists():
+        raise UserError(f"{spec}: no such file or directory")
+    return [spec]
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _jsonl_documents(path: str, field: str) -> list[bytes]:
+    documents = []
+    for line_number, line in enumerate(_read_bytes(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}:{line_number}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UserError(f"{path}:{line_number}: no string field {field!r}")
+        documents.append(record[field].encode("utf-8", errors="surrogateescape"))
+    return documents
+
+
+def _text_documents(path: str, separator: str) -> list[bytes]:
+    data = _read_bytes(path)
+    return data.split(separator.encode()) if separator else [data]
+
+
+class DocumentSource:
+    """Random access over documents (bytes) from several files; grain reads it as a data source."""
+
+    def __init__(self, specs: list[str], separator: str = "", jsonl_field: str = "text"):
+        if not specs:
+            raise UserError("no data given")
+        self.paths: list[str] = []
+        self._parts: list = []  # per file: a list of bytes, or an ArrayRecord source
+        for spec in specs:
+            for path in expand(spec):
+                self.paths.append(path)
+                self._parts.append(self._open(path, separator, jsonl_field))
+        sizes = [len(part) for part in self._parts]
+        self._starts = np.cumsum([0] + sizes)
+        if self._starts[-1] == 0:
+            raise UserError(f"{', '.join(specs)}: no documents (every file is empty)")
+
+    @staticmethod
+    def _open(path: str, separator: str, jsonl_field: str):
+        if path.startswith("builtin:"):
+            try:
+                return [text for _, text in builtin_documents(path.split(":", 1)[1])]
+            except ValueError as e:
+                raise UserError(f"{path}: {e}") from None
+        if path.endswith(ARRAY_RECORD_SUFFIXES):
+            try:
+                return ArrayRecordDataSource([path])
+            except Exception as e:  # array_record raises bare RuntimeErrors on bad files
+                raise UserError(f"{path}: not a readable ArrayRecord file ({e})") from None
+        if path.endswith(JSONL_SUFFIXES):
+            documents = _jsonl_documents(path, jsonl_field)
+        else:
+            documents = _text_documents(path, separator)
+        return [d for d in documents if d]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file number, index within the file) of a document."""
+        file_number = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return file_number, index - int(self._starts[file_number])
+
+    def __getitem__(self, index: int) -> bytes:
+        file_number, local = self.locate(int(index))
+        return bytes(self._parts[file_number][local])
+
+    def documents_of(self, file_number: int) -> range:
+        return range(int(self._starts[file_number]), int(self._starts[file_number + 1]))
