@@ -1,0 +1,141 @@
+"""Hierarchical autoregressive transformer (HAT): byte encoder, word backbone, byte decoder.
+
+Causality: the decoder state of byte t is conditioned on the predictive embedding of the
+words completed before t's word. Whether byte t ends its word depends on byte t+1, so
+conditioning on t's own word would leak the next byte; the backbone's summary of word i
+therefore reaches the predictions from the second byte of word i+1 on (the first byte of a
+word is usually the space, which the byte stream predicts well).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hiermodel.config import ModelConfig
+from hiermodel.models.layers import Block, RMSNorm, param, rope, run_blocks
+from hiermodel.text.words import VOCAB_SIZE
+
+
+def _segment_op(op, data_BxTx, ids_BxT, num_segments: int):
+    return jax.vmap(lambda d, i: op(d, i, num_segments=num_segments))(data_BxTx, ids_BxT)
+
+
+class WordPooling(nnx.Module):
+    """A learned query per head attends over exactly one word's byte states.
+
+    Keys carry RoPE of their offset inside the word, so pooling is position-aware and the
+    same wherever the word sits in the row.
+    """
+
+    def __init__(self, byte_dim: int, heads: int, out_dim: int, theta: float, rngs: nnx.Rngs):
+        head_dim = byte_dim // heads
+        self.query = param(rngs, (heads, head_dim), ("heads", None), fan_in=1)
+        self.wk = param(rngs, (byte_dim, heads, head_dim), ("embed", "heads", None))
+        self.wv = param(rngs, (byte_dim, heads, head_dim), ("embed", "heads", None))
+        self.wo = param(rngs, (heads, head_dim, out_dim), ("heads", None, "embed"), fan_in=byte_dim)
+        self.theta = theta
+
+    def __call__(self, h_BxTxD, words_BxT, num_words: int):
+        positions_BxT = jnp.broadcast_to(jnp.arange(h_BxTxD.shape[1]), words_BxT.shape)
+        starts_BxW1 = _segment_op(jax.ops.segment_min, positions_BxT, words_BxT, num_words + 1)
+        offsets_BxT = positions_BxT - jnp.take_along_axis(starts_BxW1, words_BxT, axis=1)
+        k_BxTxHxDh = rope(jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wk[...]), offsets_BxT, self.theta)
+        v_BxTxHxDh = jnp.einsum("btd,dhk->bthk", h_BxTxD, self.wv[...])
+        scores_BxTxH = jnp.einsum("bthk,hk->bth", k_BxTxHxDh, self.query[...].astype(h_BxTxD.dtype))
+        scores_BxTxH = scores_BxTxH.astype(jnp.float32) * k_BxTxHxDh.shape[-1] ** -0.5
+        # Softmax within each word: segment max for stability, segment sums for the rest.
+        max_BxW1xH = jax.lax.stop_gradient(_segment_op(jax.ops.segment_max, scores_BxTxH, words_BxT, num_words + 1))
+        weights_BxTxH = jnp.exp(scores_BxTxH - jnp.take_along_axis(max_BxW1xH, words_BxT[..., None], axis=1))
+        total_BxW1xH = _segment_op(jax.ops.segment_sum, weights_BxTxH, words_BxT, num_words + 1)
+        weighted_BxTxHxDh = weights_BxTxH[..., None].astype(v_BxTxHxDh.dtype) * v_BxTxHxDh
+        pooled_BxW1xHxDh = _segment_op(jax.ops.segment_sum, weighted_BxTxHxDh, words_BxT, num_words + 1)
+        pooled_BxW1xHxDh /= jnp.maximum(total_BxW1xH, 1e-30)[..., None].astype(pooled_BxW1xHxDh.dtype)
+        return jnp.einsum("bwhk,hkd->bwd", pooled_BxW1xHxDh[:, :num_words], self.wo[...])
+
+
+class DecoderBlock(nnx.Module):
+    """Adds a projection of the word's predictive embedding, then a byte self-attention block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.condition = param(rngs, (cfg.backbone_dim, cfg.byte_dim), ("embed", None))
+        self.block = Block(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
+                           cfg.rope_theta, cfg.norm_eps, rngs)
+
+    def __call__(self, x_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT, window: int):
+        x_BxTxD = x_BxTxD + predictive_BxTxDb @ self.condition[...]
+        return self.block(x_BxTxD, positions_BxT, segments_BxT, window)
+
+
+class HAT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        byte_block = lambda: Block(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
+                                   cfg.rope_theta, cfg.norm_eps, rngs)
+        self.embed = param(rngs, (VOCAB_SIZE, cfg.byte_dim), ("vocab", "embed"), fan_in=1)
+        self.encoder = nnx.List([byte_block() for _ in range(cfg.encoder_layers)])
+        self.pool = WordPooling(cfg.byte_dim, cfg.pool_heads, cfg.backbone_dim, cfg.rope_theta, rngs)
+        self.backbone = nnx.List([
+            Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
+                  cfg.rope_theta, cfg.norm_eps, rngs) for _ in range(cfg.backbone_layers)])
+        self.backbone_norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
+        self.first_word = param(rngs, (cfg.backbone_dim,), ("embed",), fan_in=1)
+        self.decoder = nnx.List([DecoderBlock(cfg, rngs) for _ in range(cfg.decoder_layers)])
+        self.head_norm = RMSNorm(cfg.byte_dim, cfg.norm_eps)
+        self.head = param(rngs, (cfg.byte_dim, VOCAB_SIZE), ("embed", "vocab"))
+
+    def __call__(self, batch: dict) -> jax.Array:
+        """Next-token logits [B, T, V]: position t predicts token t+1."""
+        cfg = self.cfg
+        tokens_BxT, segments_BxT = batch["tokens"], batch["segments"]
+        words_BxT, word_segments_BxW = batch["words"], batch["word_segments"]
+        num_words = word_segments_BxW.shape[1]
+        dtype = self.embed[...].dtype
+        positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+
+        h_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
+        h_BxTxD = run_blocks(self.encoder, h_BxTxD, positions_BxT, segments_BxT, cfg.byte_window, cfg.remat)
+
+        words_BxWxDb = self.pool(h_BxTxD, words_BxT, num_words)
+        word_positions_BxW = jnp.broadcast_to(jnp.arange(num_words), word_segments_BxW.shape)
+        words_BxWxDb = run_blocks(self.backbone, words_BxWxDb, word_positions_BxW, word_segments_BxW,
+                                  0, cfg.remat)
+        predictive_BxWxDb = self.backbone_norm(words_BxWxDb)
+
+        # Byte t reads the summary of the word before its own; a segment's first word has none.
+        previous_BxW = jnp.pad(word_segments_BxW[:, :-1], ((0, 0), (1, 0)))
+        first_BxW = word_segments_BxW != previous_BxW
+        shifted_BxWxDb = jnp.pad(predictive_BxWxDb[:, :-1], ((0, 0), (1, 0), (0, 0)))
+        shifted_BxWxDb = jnp.where(first_BxW[..., None], self.first_word[...].astype(dtype), shifted_BxWxDb)
+        shifted_BxWxDb = jnp.pad(shifted_BxWxDb, ((0, 0), (0, 1), (0, 0)))  # row for padding bytes
+        predictive_BxTxDb = jnp.take_along_axis(shifted_BxWxDb, words_BxT[..., None], axis=1)
+
+        x_BxTxD = h_BxTxD
+        for block in self.decoder:
+            x_BxTxD = block(x_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT, cfg.byte_window)
+        return (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+
+
+def _block_matmul_params(dim: int, heads: int, kv_heads: int, mlp_dim: int) -> int:
+    head_dim = dim // heads
+    return 2 * dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 3 * dim * mlp_dim
+
+
+def train_flops(cfg: ModelConfig, num_bytes: float, num_words: float, row_bytes: int, row_words: int) -> float:
+    """Estimated training FLOPs (3x forward) for a batch with these many real bytes and words.
+
+    Matmuls count 2 FLOPs per parameter per token; attention counts QK^T and PV over the
+    mean causal context (half the window or row).
+    """
+    byte_block = _block_matmul_params(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim)
+    per_byte = ((cfg.encoder_layers + cfg.decoder_layers) * byte_block
+                + cfg.decoder_layers * cfg.backbone_dim * cfg.byte_dim  # conditioning projections
+                + 2 * cfg.byte_dim * cfg.byte_dim  # pooling keys and values
+                + cfg.byte_dim * VOCAB_SIZE)  # head
+    word_block = _block_matmul_params(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
+                                      cfg.backbone_mlp_dim)
+    per_word = cfg.backbone_layers * word_block + cfg.byte_dim * cfg.backbone_dim
+    byte_context = min(cfg.byte_window or row_bytes, row_bytes) / 2
+    byte_attention = 4 * byte_context * cfg.byte_dim * (cfg.encoder_layers + cfg.decoder_layers)
+    word_attention = 4 * (row_words / 2) * cfg.backbone_dim * cfg.backbone_layers
+    forward = num_bytes * (2 * per_byte + byte_attention) + num_words * (2 * per_word + word_attention)
+    return 3 * forward

@@ -1,0 +1,83 @@
+"""Checkpoints with orbax: train state (params, optimizer, step), data iterator state, resolved config.
+
+Layout: RUN_DIR/checkpoints/STEP/{state,data,config}. Saves are asynchronous; a step
+directory appears only once complete, so a crash mid-save leaves the previous ones intact.
+"""
+
+import json
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from hiermodel.errors import UserError
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir).absolute() / "checkpoints"
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep: int = 3, read_only: bool = False):
+        self.manager = ocp.CheckpointManager(
+            checkpoint_dir(run_dir),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=not read_only, create=not read_only,
+                read_only=read_only),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, config: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(config),
+        ), force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """The train state onto the shardings in `abstract_state`; the iterator is restored in place."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+        ))
+        return restored["state"]
+
+    def restore_params(self, step: int, abstract_params):
+        """Parameters only (for evaluation and init_from), onto the shardings given."""
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True)))
+        return restored["state"]["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def open_run(run_dir: str) -> tuple[Checkpointer, int, dict]:
+    """(checkpointer, latest step, resolved config) of a finished or running run, or a clear error."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not checkpoint_dir(path).is_dir():
+        raise UserError(f"{run_dir}: not a hiermodel run (no checkpoints/ directory)")
+    checkpointer = Checkpointer(path, read_only=True)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
+    config_file = checkpoint_dir(path) / str(step) / "config" / "metadata"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{run_dir}: checkpoint {step} has no readable config; is it a hiermodel run?") from None
+    return checkpointer, step, config

@@ -1,0 +1,191 @@
+"""The training loop: data, state, jit'd step, logging, evaluation, checkpoints, signals."""
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from hiermodel.config import Config, to_dict
+from hiermodel.data.pipeline import train_dataset
+from hiermodel.data.sources import DocumentSource
+from hiermodel.errors import UserError
+from hiermodel.eval.score import make_score_fn, score_source
+from hiermodel.models.registry import check_kind, train_flops
+from hiermodel.train import state as state_lib
+from hiermodel.train.checkpoint import Checkpointer, open_run
+from hiermodel.train.metrics import MetricsWriter
+from hiermodel.train.sharding import batch_sharding, make_mesh, to_global
+from hiermodel.train.step import make_train_step, optimizer, schedule
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+# Dense bf16 peak per chip, for MFU.
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v6": 918e12, "v5p": 459e12,
+              "v5": 197e12, "v4": 275e12}
+
+
+def peak_flops_per_device(config: Config) -> float:
+    if config.train.peak_flops > 0:
+        return config.train.peak_flops
+    kind = jax.devices()[0].device_kind.lower()
+    for name, flops in PEAK_FLOPS.items():
+        if name in kind:
+            return flops
+    return measured_matmul_flops() / len(jax.local_devices())
+
+
+def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """What this host's JAX reaches on a float32 matmul (the peak quoted for CPU MFU)."""
+    a = jax.device_put(np.ones((size, size), np.float32), jax.local_devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def validate(config: Config, mesh) -> None:
+    check_kind(config.model)
+    t = config.train
+    shards = math.prod(mesh.shape[a] for a in batch_sharding(mesh).spec[0])
+    if t.steps < 1 or t.grad_accum < 1 or t.batch_size < 1:
+        raise UserError("train.steps, train.batch_size and train.grad_accum must be positive")
+    if t.batch_size % (t.grad_accum * jax.process_count()) or (t.batch_size // t.grad_accum) % shards:
+        raise UserError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
+                        f"microbatches divisible by the {shards} batch shards and {jax.process_count()} processes")
+    if config.model.compute_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"model.compute_dtype={config.model.compute_dtype!r}: use float32 or bfloat16")
+    if t.schedule not in ("cosine", "wsd"):
+        raise UserError(f"train.schedule={t.schedule!r}: use cosine or wsd")
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train(config: Config) -> dict:
+    """Train (or resume) the run in config.run_dir; returns the last logged metrics."""
+    mesh = make_mesh(config.mesh)
+    validate(config, mesh)
+    run_dir = Path(config.run_dir)
+    writer = MetricsWriter(run_dir, config.train.steps)
+    data = config.data
+    source = DocumentSource(data.train, data.separator, data.jsonl_field)
+    eval_source = DocumentSource(data.eval, data.separator, data.jsonl_field) if data.eval else None
+    local_batch = config.train.batch_size // jax.process_count()
+    data_iterator = iter(train_dataset(data, source, config.seed, local_batch,
+                                       jax.process_index(), jax.process_count()))
+    tx = optimizer(config.train)
+    lr_at = schedule(config.train)
+    with jax.set_mesh(mesh):
+        layout = state_lib.layout(config, tx, mesh)
+        checkpointer = Checkpointer(run_dir, config.train.keep_checkpoints)
+        resume_step = checkpointer.latest_step()
+        if resume_step is not None:
+            writer.info(f"resuming {run_dir} from step {resume_step}")
+            state = checkpointer.restore(resume_step, layout.abstract, data_iterator)
+        elif config.init_from:
+            source_run, source_step, source_config = open_run(config.init_from)
+            if source_config["model"] != to_dict(config)["model"]:
+                raise UserError(f"init_from={config.init_from}: its model config differs from this run's")
+            writer.info(f"initialising weights from {config.init_from} step {source_step}")
+            params = source_run.restore_params(source_step, layout.abstract["params"])
+            state = state_lib.with_params(params, tx, layout)
+        else:
+            state = state_lib.initialize(config, tx, layout)
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        writer.info(f"{state_lib.num_params(config):,} parameters; mesh {dict(mesh.shape)}; "
+                    f"{jax.device_count()} {jax.devices()[0].platform} devices")
+
+        step_fn = jax.jit(make_train_step(layout.graphdef, tx, config.train, config.model.compute_dtype),
+                          in_shardings=(layout.shardings, batch_sharding(mesh)),
+                          out_shardings=(layout.shardings, None), donate_argnums=0)
+        score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
+        try:
+            return _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpointer,
+                         writer, lr_at, mesh)
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            data_iterator.close()
+            writer.close()
+
+
+def _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpointer, writer, lr_at, mesh):
+    t = config.train
+    peak = peak_flops_per_device(config) * jax.device_count()
+    start = int(state["step"])
+    stop = _StopRequest()
+    pending, last_logged, window_bytes, window_words = [], {}, 0, 0
+    last_saved = start
+    window_start = time.monotonic()
+    try:
+        for step in range(start, t.steps):
+            local = next(data_iterator)
+            window_bytes += int((local["segments"] > 0).sum()) * jax.process_count()
+            window_words += int((local["word_segments"] > 0).sum()) * jax.process_count()
+            state, metrics = step_fn(state, to_global(local, mesh))
+            pending.append((step + 1, metrics))
+            done = step + 1
+            final = done == t.steps or stop.signal is not None
+            save = done % t.checkpoint_every == 0 or final
+            if done % t.log_every == 0 or save:
+                fetched = [(s, jax.device_get(m)) for s, m in pending]
+                pending = []
+                for s, m in fetched:
+                    if not math.isfinite(float(m["loss"])):
+                        raise TrainingDiverged(
+                            f"loss is {float(m['loss'])} at step {s}; stopped without saving. The last good "
+                            f"checkpoint (step {last_saved}) is intact in {Path(config.run_dir) / 'checkpoints'}")
+                elapsed = time.monotonic() - window_start
+                flops = train_flops(config.model, window_bytes, window_words,
+                                    config.data.row_bytes, config.data.row_words)
+                m = fetched[-1][1]
+                last_logged = {
+                    "loss": float(m["loss"]), "bpb": float(m["bpb"]), "grad_norm": float(m["grad_norm"]),
+                    "lr": float(lr_at(done - 1)), "bytes_per_s": window_bytes / elapsed,
+                    "words_per_s": window_words / elapsed, "flops_per_byte": flops / max(window_bytes, 1),
+                    "mfu": flops / elapsed / peak,
+                }
+                writer.write(done, last_logged)
+                writer.progress(done, last_logged)
+                window_bytes = window_words = 0
+                window_start = time.monotonic()
+            if eval_source is not None and (done % t.eval_every == 0 or done == t.steps):
+                result = score_source(score_fn, state["params"], eval_source, config.data, t.batch_size, mesh,
+                                      max_rows=t.eval_rows)
+                writer.write(done, {"bpb": result["bpb"], "bytes": result["bytes"]}, prefix="eval")
+                writer.info(f"eval step {done}: bpb {result['bpb']:.4f} on {result['bytes']:,} bytes")
+                window_start = time.monotonic()
+            if save:
+                checkpointer.save(done, state, data_iterator, to_dict(config))
+                last_saved = done
+            if stop.signal is not None:
+                writer.info(f"{stop.signal}: saved checkpoint at step {done}; rerun the same command to resume")
+                break
+    finally:
+        stop.restore()
+    return last_logged

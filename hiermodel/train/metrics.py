@@ -1,0 +1,81 @@
+"""Where metrics go: the terminal, RUN_DIR/metrics.jsonl and TensorBoard (process 0 only)."""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def format_rate(per_second: float) -> str:
+    for unit, scale in (("M", 1e6), ("K", 1e3)):
+        if per_second >= scale:
+            return f"{per_second / scale:.1f}{unit}"
+    return f"{per_second:.0f}"
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path, total_steps: int):
+        self.enabled = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        if self.enabled:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            from tensorboardX import SummaryWriter
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": prefix, "time": time.time(), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+        self.tensorboard.flush()
+
+    def progress(self, step: int, metrics: dict) -> None:
+        """One line per log interval: step, loss, bits per byte, throughput, ETA."""
+        if not self.enabled:
+            return
+        if self.first_step is None:
+            self.first_step, self.started = step, time.monotonic()
+        elapsed = time.monotonic() - self.started
+        done = step - self.first_step
+        eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+        line = (f"step {step:>6}/{self.total_steps}  loss {metrics['loss']:.4f}  bpb {metrics['bpb']:.3f}  "
+                f"{format_rate(metrics['bytes_per_s'])}B/s  mfu {metrics['mfu']:.1%}  lr {metrics['lr']:.2e}  "
+                f"gnorm {metrics['grad_norm']:.2f}  eta {format_duration(eta) if done else '?'}")
+        print(line, flush=True)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+def read_metrics(run_dir: str | Path, kind: str = "train") -> dict[int, dict]:
+    """The last record of each step (a resumed run logs the steps after its checkpoint again)."""
+    records = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == kind:
+            records[record["step"]] = record
+    return records

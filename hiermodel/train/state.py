@@ -1,0 +1,64 @@
+"""Building the train state on a mesh: abstract shapes, shardings, initialisation, restoring."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hiermodel.config import Config
+from hiermodel.models.registry import build
+from hiermodel.train.sharding import param_shardings
+
+
+@dataclasses.dataclass
+class StateLayout:
+    graphdef: nnx.GraphDef
+    abstract: dict  # the train state as ShapeDtypeStructs carrying their shardings
+    shardings: dict  # the same tree of NamedShardings
+
+    @property
+    def param_shardings(self):
+        return self.shardings["params"]
+
+
+def _model_shapes(config: Config):
+    abstract_model = nnx.eval_shape(lambda: build(config.model, nnx.Rngs(config.seed)))
+    return nnx.split(abstract_model)
+
+
+def num_params(config: Config) -> int:
+    _, state = _model_shapes(config)
+    return sum(x.size for x in jax.tree.leaves(state))
+
+
+def layout(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+    graphdef, abstract_params = _model_shapes(config)
+    params_sh = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
+    pure_params = nnx.to_pure_dict(abstract_params)
+    opt_shapes = jax.eval_shape(tx.init, pure_params)
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_shapes, params_sh,
+                                   transform_non_params=lambda _: replicated)
+    shardings = {"params": params_sh, "opt_state": opt_sh, "step": replicated}
+    shapes = {"params": pure_params, "opt_state": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return StateLayout(graphdef, abstract, shardings)
+
+
+def initialize(config: Config, tx: optax.GradientTransformation, state_layout: StateLayout) -> dict:
+    """A fresh train state, created directly in its shards."""
+
+    def init():
+        params = nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(config.seed)), nnx.Param))
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, out_shardings=state_layout.shardings)()
+
+
+def with_params(params, tx: optax.GradientTransformation, state_layout: StateLayout) -> dict:
+    """A train state at step 0 around given parameters (continued pretraining)."""
+    init = lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+    return jax.jit(init, out_shardings=state_layout.shardings)(params)
