@@ -2,6 +2,7 @@
 
 import importlib
 import inspect
+import warnings
 import zlib
 
 # Pure-Python standard library modules with substantial docstrings, cheap to import.
@@ -20,7 +21,12 @@ EVAL_SHARE = 10  # one document in ten is held out
 
 
 def _module_document(name: str) -> str:
-    module = importlib.import_module(name)
+    with warnings.catch_warnings():  # some modules warn about deprecated members on access
+        warnings.simplefilter("ignore")
+        return _describe(importlib.import_module(name), name)
+
+
+def _describe(module, name: str) -> str:
     parts = [f"Module {name}\n\n{inspect.getdoc(module) or ''}"]
     for attr, member in sorted(vars(module).items()):
         if attr.startswith("_") or getattr(member, "__module__", None) != name:

@@ -14,6 +14,12 @@ import orbax.checkpoint as ocp
 from hiermodel.errors import UserError
 
 
+def _restore_args(abstract_tree, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore onto the shardings the abstract tree carries (any mesh, any layout)."""
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_tree)
+    return ocp.args.PyTreeRestore(item=abstract_tree, restore_args=restore_args, partial_restore=partial)
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).absolute() / "checkpoints"
 
@@ -26,7 +32,7 @@ class Checkpointer:
                 max_to_keep=keep, enable_async_checkpointing=not read_only, create=not read_only,
                 read_only=read_only),
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": ocp.PyTreeCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
@@ -37,7 +43,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator, config: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.PyTreeSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config),
         ), force=True)
@@ -45,16 +51,15 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator):
         """The train state onto the shardings in `abstract_state`; the iterator is restored in place."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=_restore_args(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
         ))
         return restored["state"]
 
     def restore_params(self, step: int, abstract_params):
         """Parameters only (for evaluation and init_from), onto the shardings given."""
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=_restore_args({"params": abstract_params}, partial=True)))
         return restored["state"]["params"]
 
     def wait(self) -> None:

@@ -34,10 +34,20 @@ def num_params(config: Config) -> int:
     return sum(x.size for x in jax.tree.leaves(state))
 
 
-def layout(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+def param_layout(config: Config, mesh: Mesh):
+    """(graphdef, parameter shapes as a pure dict, their shardings)."""
     graphdef, abstract_params = _model_shapes(config)
-    params_sh = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
-    pure_params = nnx.to_pure_dict(abstract_params)
+    return graphdef, nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(param_shardings(abstract_params, mesh))
+
+
+def abstract_params(config: Config, mesh: Mesh):
+    """(graphdef, parameters as ShapeDtypeStructs carrying their shardings) for restoring."""
+    graphdef, shapes, shardings = param_layout(config, mesh)
+    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def layout(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+    graphdef, pure_params, params_sh = param_layout(config, mesh)
     opt_shapes = jax.eval_shape(tx.init, pure_params)
     replicated = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_shapes, params_sh,

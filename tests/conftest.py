@@ -1,0 +1,41 @@
+import os
+import sys
+from pathlib import Path
+
+# Eight fake CPU devices for sharding tests, and a persistent compilation cache; set before jax loads.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "jax"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+CORPUS = REPO.parent / "shared" / "corpus"
+MICRO = REPO / "tests" / "micro.yaml"
+
+
+@pytest.fixture
+def corpus() -> Path:
+    if not (CORPUS / "SOURCES.md").exists():
+        pytest.skip(f"the shared corpus is not at {CORPUS} (it lives beside the repository, not in it)")
+    return CORPUS
+
+
+def micro_config(**overrides):
+    from hiermodel import config as config_lib
+
+    return config_lib.load(MICRO, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def run_cli(*args, env=None, timeout=600):
+    """Run `python -m hiermodel.cli ARGS` in a fresh process; returns CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "hiermodel.cli", *map(str, args)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

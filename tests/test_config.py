@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+
+from hiermodel import config as config_lib
+from hiermodel.errors import UserError
+from hiermodel.train.state import num_params
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_overrides_reach_typed_fields():
+    config = config_lib.load(CONFIGS / "tiny.yaml", [
+        "run_dir=/tmp/x", "train.steps=7", "data.train=a.txt,b/", "data.eval=c.jsonl",
+        "train.learning_rate=1e-4", "model.remat=true"])
+    assert config.run_dir == "/tmp/x" and config.train.steps == 7
+    assert config.data.train == ["a.txt", "b/"] and config.data.eval == ["c.jsonl"]
+    assert config.train.learning_rate == 1e-4 and config.model.remat is True
+
+
+def test_bad_keys_and_values_are_named(tmp_path):
+    with pytest.raises(UserError, match="unknown key 'stepz'"):
+        config_lib.load(CONFIGS / "tiny.yaml", ["train.stepz=3"])
+    with pytest.raises(UserError, match="train.steps: expected int"):
+        config_lib.load(CONFIGS / "tiny.yaml", ["train.steps=many"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widht: 3\n")
+    with pytest.raises(UserError, match=f"{bad}.model: unknown key 'widht'"):
+        config_lib.load(bad)
+    with pytest.raises(UserError, match="cannot read config"):
+        config_lib.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name, low, high", [("hat_1b", 0.8e9, 1.2e9), ("hat_3b", 2.5e9, 3.5e9),
+                                             ("hat_7b", 6.5e9, 7.5e9), ("tiny", 1e6, 1e7)])
+def test_scale_configs_build_to_their_size(name, low, high):
+    assert low < num_params(config_lib.load(CONFIGS / f"{name}.yaml")) < high

@@ -1,0 +1,161 @@
+import json
+
+import numpy as np
+import pytest
+
+from hiermodel.config import DataConfig
+from hiermodel.data.packing import to_document
+from hiermodel.data.pipeline import scoring_batches, train_dataset
+from hiermodel.data.shards import write_shards
+from hiermodel.data.sources import DocumentSource
+from hiermodel.errors import UserError
+from hiermodel.text.words import BOS_ID, split_words
+
+SMALL = DataConfig(row_bytes=256, row_words=64, max_word_bytes=32)
+
+
+def segments_of(batch):
+    """Each segment's tokens and word lengths, in row order."""
+    out = []
+    for row in range(batch["tokens"].shape[0]):
+        segments, words = batch["segments"][row], batch["words"][row]
+        for seg in np.unique(segments[segments > 0]):
+            at = segments == seg
+            out.append((batch["tokens"][row][at], np.bincount(words[at])[np.unique(words[at])]))
+    return out
+
+
+def test_sources_read_files_directories_globs_jsonl_and_separators(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(b"first\n\nsecond")
+    (tmp_path / "d" / ".hidden").write_bytes(b"skip me")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json doc"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert [DocumentSource([str(tmp_path / "d")])[i] for i in range(1)] == [b"first\n\nsecond"]
+    split = DocumentSource([str(tmp_path / "d" / "*.txt")], separator="\n\n")
+    assert [split[i] for i in range(len(split))] == [b"first", b"second"]
+    both = DocumentSource([str(tmp_path / "b.jsonl"), str(tmp_path / "d")])
+    assert [both[i] for i in range(len(both))] == [b"json doc", b"two", b"first\n\nsecond"]
+    assert both.locate(2) == (1, 0) and list(both.documents_of(0)) == [0, 1]
+
+
+def test_arrayrecord_shards_round_trip(tmp_path):
+    source = DocumentSource(["builtin:eval"])
+    paths = write_shards(source, tmp_path / "shards", num_shards=3)
+    assert len(paths) == 3 and not list((tmp_path / "shards").glob("*.partial"))
+    shards = DocumentSource([str(tmp_path / "shards")])
+    assert sorted(shards[i] for i in range(len(shards))) == sorted(source[i] for i in range(len(source)))
+
+
+def test_bad_sources_get_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="no-such: no such file"):
+        DocumentSource([str(tmp_path / "no-such")])
+    with pytest.raises(UserError, match="matches no files"):
+        DocumentSource([str(tmp_path / "*.none")])
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(UserError, match="no documents"):
+        DocumentSource([str(tmp_path / "empty.txt")])
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        DocumentSource([str(tmp_path / "bad.jsonl")])
+    (tmp_path / "field.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match=r"field.jsonl:1: no string field 'text'"):
+        DocumentSource([str(tmp_path / "field.jsonl")])
+    (tmp_path / "bad.arrayrecord").write_bytes(b"not an array record")
+    with pytest.raises(UserError, match="bad.arrayrecord: not a readable ArrayRecord"):
+        DocumentSource([str(tmp_path / "bad.arrayrecord")])
+
+
+def test_packed_rows_rebuild_every_document_with_whole_words():
+    source = DocumentSource(["builtin:eval"])
+    iterator = iter(train_dataset(SMALL, source, seed=0, local_batch=4))
+    # Pieces of one document are consecutive: concatenating them restores it, word for word.
+    stream_tokens, stream_words = [], []
+    for _ in range(40):
+        batch = next(iterator)
+        assert batch["tokens"].shape == (4, 256) and batch["word_segments"].shape == (4, 64)
+        for tokens, lengths in segments_of(batch):
+            stream_tokens.append(tokens)
+            stream_words.append(lengths)
+        # A target is scored only inside its own segment; padding is never scored.
+        mask, seg = batch["loss_mask"], batch["segments"]
+        assert np.all(mask[:, :-1] <= (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0))
+        assert np.all(mask[:, -1] == 0)
+    iterator.close()
+    tokens = np.concatenate(stream_tokens)
+    lengths = np.concatenate(stream_words)
+    starts = np.flatnonzero(tokens == BOS_ID)
+    for begin, end in zip(starts[:-1], starts[1:]):
+        data = tokens[begin + 1:end].astype(np.uint8).tobytes()
+        assert data in {source[i] for i in range(len(source))}
+    # Word boundaries in rows are exactly the splitter's.
+    doc = to_document(source[0], SMALL.max_word_bytes)
+    expected = [len(w) for w in split_words(source[0], SMALL.max_word_bytes)]
+    assert list(doc.word_lengths[1:]) == expected
+    assert lengths.sum() == len(tokens)
+
+
+def test_shuffling_is_deterministic_by_seed():
+    source = DocumentSource(["builtin:eval"])
+    first = lambda seed: next(iter(train_dataset(SMALL, source, seed=seed, local_batch=2)))["tokens"]
+    assert np.array_equal(first(1), first(1))
+    assert not np.array_equal(first(1), first(2))
+
+
+def test_processes_read_disjoint_slices_that_cover_an_epoch(tmp_path):
+    docs = [f"document {i} says {'la ' * (i % 7)}".encode() for i in range(40)]
+    (tmp_path / "docs.txt").write_bytes(b"\x1e".join(docs))
+    source = DocumentSource([str(tmp_path / "docs.txt")], separator="\x1e")
+    seen = []
+    for process in range(2):
+        iterator = iter(train_dataset(SMALL, source, 0, 1, process_index=process, process_count=2))
+        tokens = np.concatenate([next(iterator)["tokens"][0] for _ in range(12)])
+        iterator.close()
+        pieces = np.split(tokens, np.flatnonzero(tokens == BOS_ID))[1:21]  # the first epoch: 20 documents
+        seen.append({p[1:][p[1:] > 0].astype(np.uint8).tobytes() for p in pieces})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(docs)
+
+
+def test_restored_iterator_continues_with_exactly_the_next_batch():
+    source = DocumentSource(["builtin:train"])
+    dataset = train_dataset(SMALL, source, seed=3, local_batch=4)
+    iterator = iter(dataset)
+    for _ in range(7):
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(5)]
+    resumed = iter(dataset)
+    resumed.set_state(json.loads(json.dumps(state)))  # the state survives JSON, as in checkpoints
+    for want in expected:
+        got = next(resumed)
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+    iterator.close()
+    resumed.close()
+
+
+def test_scoring_rows_score_every_byte_exactly_once(tmp_path):
+    long_doc = ("word " * 700).encode() + "ünïcödé 日本語 \xff".encode("utf-8", "surrogateescape")
+    (tmp_path / "long.txt").write_bytes(long_doc)
+    (tmp_path / "short.txt").write_bytes(b"x")
+    source = DocumentSource([str(tmp_path / "long.txt"), str(tmp_path / "short.txt"), "builtin:eval"])
+    scored = np.zeros(3, np.int64)
+    targets = {0: bytearray(), 1: bytearray()}
+    for batch in scoring_batches(SMALL, source, batch_size=4):
+        at = batch["loss_mask"] > 0
+        scored += np.bincount(batch["tags"][at], minlength=3)
+        next_tokens = np.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
+        for tag in (0, 1):
+            targets[tag] += next_tokens[at & (batch["tags"] == tag)].astype(np.uint8).tobytes()
+    eval_bytes = sum(len(source[i]) for i in source.documents_of(2))
+    assert list(scored) == [len(long_doc), 1, eval_bytes]
+    assert bytes(targets[0]) == long_doc and bytes(targets[1]) == b"x"
+
+
+def test_real_corpus_packs_in_every_script(corpus):
+    config = DataConfig(row_bytes=1024, row_words=256)
+    files = sorted(str(p) for p in corpus.glob("*.txt"))
+    source = DocumentSource(files, separator="\n\n")
+    iterator = iter(train_dataset(config, source, seed=0, local_batch=8))
+    batch = next(iterator)
+    iterator.close()
+    assert (batch["segments"] > 0).mean() > 0.9
