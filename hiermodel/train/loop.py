@@ -1,5 +1,6 @@
 """The training loop: data, state, jit'd step, logging, evaluation, checkpoints, signals."""
 
+import functools
 import math
 import signal
 import time
@@ -41,6 +42,7 @@ def peak_flops_per_device(config: Config) -> float:
     return measured_matmul_flops() / len(jax.local_devices())
 
 
+@functools.lru_cache(maxsize=1)
 def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     """What this host's JAX reaches on a float32 matmul (the peak quoted for CPU MFU)."""
     a = jax.device_put(np.ones((size, size), np.float32), jax.local_devices()[0])
@@ -84,9 +86,10 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
-def train(config: Config) -> dict:
-    """Train (or resume) the run in config.run_dir; returns the last logged metrics."""
-    mesh = make_mesh(config.mesh)
+def train(config: Config, devices=None) -> dict:
+    """Train (or resume) the run in config.run_dir on `devices` (default: all); returns the last
+    logged metrics."""
+    mesh = make_mesh(config.mesh, devices)
     validate(config, mesh)
     run_dir = Path(config.run_dir)
     writer = MetricsWriter(run_dir, config.train.steps)
@@ -98,6 +101,7 @@ def train(config: Config) -> dict:
                                        jax.process_index(), jax.process_count()))
     tx = optimizer(config.train)
     lr_at = schedule(config.train)
+    peak = peak_flops_per_device(config) * mesh.size
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
         checkpointer = Checkpointer(run_dir, config.train.keep_checkpoints)
@@ -126,7 +130,7 @@ def train(config: Config) -> dict:
         score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
         try:
             return _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpointer,
-                         writer, lr_at, mesh)
+                         writer, lr_at, peak, mesh)
         finally:
             checkpointer.wait()
             checkpointer.close()
@@ -134,9 +138,8 @@ def train(config: Config) -> dict:
             writer.close()
 
 
-def _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpointer, writer, lr_at, mesh):
+def _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpointer, writer, lr_at, peak, mesh):
     t = config.train
-    peak = peak_flops_per_device(config) * jax.device_count()
     start = int(state["step"])
     stop = _StopRequest()
     pending, last_logged, window_bytes, window_words = [], {}, 0, 0

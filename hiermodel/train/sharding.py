@@ -57,8 +57,9 @@ def param_shardings(abstract_params, mesh: Mesh):
     import flax.nnx as nnx
 
     def place(variable):
-        axes = variable.get_metadata().get("axes") or (None,) * variable.value.ndim
-        return variable.replace(NamedSharding(mesh, logical_spec(axes, variable.value.shape, dict(mesh.shape))))
+        shape = variable.get_value().shape
+        axes = variable.get_metadata().get("axes") or (None,) * len(shape)
+        return variable.replace(NamedSharding(mesh, logical_spec(axes, shape, dict(mesh.shape))))
 
     return jax.tree.map(place, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

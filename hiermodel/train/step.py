@@ -77,7 +77,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
         metrics = {
             "loss": loss,
             "bpb": loss / LN2,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "targets": targets,
             "words": (batch["word_segments"] > 0).sum(),
         }

@@ -1,0 +1,71 @@
+import jax
+import numpy as np
+import optax
+import pytest
+
+from hiermodel.config import MeshConfig
+from hiermodel.train import state as state_lib
+from hiermodel.train.checkpoint import Checkpointer
+from hiermodel.train.loop import train
+from hiermodel.train.metrics import read_metrics
+from hiermodel.train.sharding import make_mesh
+from hiermodel.train.step import optimizer
+from tests.conftest import micro_config
+
+MESHES = {"1": (1, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2), "8x1x1": (8, 1, 1)}
+
+
+def run(tmp_path, name, mesh, **overrides):
+    data, fsdp, tensor = MESHES[mesh]
+    config = micro_config(run_dir=tmp_path / name, **{"mesh.data": data, "mesh.fsdp": fsdp,
+                                                       "mesh.tensor": tensor}, **overrides)
+    train(config, devices=jax.devices()[:data * fsdp * tensor])
+    return config, [m["loss"] for _, m in sorted(read_metrics(config.run_dir).items())]
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
+    _, single = run(tmp_path, "single", "1")
+    _, sharded = run(tmp_path, "sharded", "2x2x2")
+    assert len(single) == 6
+    np.testing.assert_allclose(sharded, single, rtol=2e-5)
+    assert single[-1] < single[0]
+
+
+def test_checkpoint_saved_on_eight_devices_restores_on_other_meshes(tmp_path):
+    config, _ = run(tmp_path, "saved", "2x2x2", **{"train.steps": 2})
+    tx = optimizer(config.train)
+    restored = {}
+    for mesh_name in ("2x2x2", "1", "1x4x2"):
+        data, fsdp, tensor = MESHES[mesh_name]
+        mesh = make_mesh(MeshConfig(data, fsdp, tensor), jax.devices()[:data * fsdp * tensor])
+        with jax.set_mesh(mesh):
+            layout = state_lib.layout(config, tx, mesh)
+            checkpointer = Checkpointer(config.run_dir, read_only=True)
+            params = checkpointer.restore_params(2, layout.abstract["params"])
+            checkpointer.close()
+        leaf = params["backbone"][0]["mlp"]["w_up"]
+        assert leaf.sharding.mesh.shape == mesh.shape
+        restored[mesh_name] = jax.tree.map(np.asarray, params)
+    for mesh_name in ("1", "1x4x2"):
+        jax.tree.map(np.testing.assert_array_equal, restored[mesh_name], restored["2x2x2"])
+
+
+def test_a_run_resumed_on_a_different_mesh_continues_identically(tmp_path):
+    # A constant learning rate, so that stopping at step 4 changes nothing the run depends on.
+    constant = {"train.warmup_steps": 0, "train.min_lr_ratio": 1.0}
+    _, whole = run(tmp_path, "whole", "2x2x2", **constant)
+    run(tmp_path, "split", "2x2x2", **{"train.steps": 4}, **constant)
+    _, resumed = run(tmp_path, "split", "1x4x2", **constant)
+    np.testing.assert_allclose(resumed, whole, rtol=2e-5)
+
+
+def test_parameters_are_sharded_by_the_rules():
+    config = micro_config()
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    layout = state_lib.layout(config, optimizer(config.train), mesh)
+    spec = lambda sharding: tuple(sharding.spec)
+    mlp = layout.shardings["params"]["backbone"][0]["mlp"]
+    assert spec(mlp["w_up"]) == ("fsdp", "tensor") and spec(mlp["w_down"]) == ("tensor", "fsdp")
+    # Adam moments follow their parameters.
+    adam = layout.shardings["opt_state"][1][0]
+    assert spec(adam.mu["backbone"][0]["mlp"]["w_up"]) == ("fsdp", "tensor")
