@@ -159,16 +159,20 @@ def _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpoi
                 fetched = [(s, jax.device_get(m)) for s, m in pending]
                 pending = []
                 for s, m in fetched:
-                    if not math.isfinite(float(m["loss"])):
-                        raise TrainingDiverged(
-                            f"loss is {float(m['loss'])} at step {s}; stopped without saving. The last good "
-                            f"checkpoint (step {last_saved}) is intact in {Path(config.run_dir) / 'checkpoints'}")
+                    bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(float(m[k]))]
+                    if bad:
+                        where = Path(config.run_dir) / "checkpoints"
+                        kept = (f"the last good checkpoint (step {last_saved}) is intact in {where}"
+                                if last_saved else "no checkpoint had been saved")
+                        raise TrainingDiverged(f"{bad[0]} is {float(m[bad[0]])} at step {s}; "
+                                               f"stopped without saving; {kept}")
                 elapsed = time.monotonic() - window_start
                 flops = train_flops(config.model, window_bytes, window_words,
                                     config.data.row_bytes, config.data.row_words)
                 m = fetched[-1][1]
                 last_logged = {
                     "loss": float(m["loss"]), "bpb": float(m["bpb"]), "grad_norm": float(m["grad_norm"]),
+                    "param_norm": float(m["param_norm"]),
                     "lr": float(lr_at(done - 1)), "bytes_per_s": window_bytes / elapsed,
                     "words_per_s": window_words / elapsed, "flops_per_byte": flops / max(window_bytes, 1),
                     "mfu": flops / elapsed / peak,

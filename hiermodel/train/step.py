@@ -78,6 +78,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
             "loss": loss,
             "bpb": loss / LN2,
             "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "targets": targets,
             "words": (batch["word_segments"] > 0).sum(),
         }

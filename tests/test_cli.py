@@ -1,0 +1,159 @@
+"""End to end through the command line: train, resume, divergence, evaluation, sampling, errors."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hiermodel import cli
+from hiermodel.data.packing import RowBuilder, to_document
+from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
+from hiermodel.train.loop import train
+from hiermodel.train.metrics import read_metrics
+from tests.conftest import MICRO, REPO, micro_config, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def losses(run_dir):
+    return [m["loss"] for _, m in sorted(read_metrics(run_dir).items())]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(micro_config(run_dir=run_dir, **{"mesh.data": 1}), devices=jax.devices()[:1])
+    return run_dir
+
+
+def wait_for(predicate, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def start_training(run_dir, steps):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    args = [sys.executable, "-m", "hiermodel.cli", "train", str(MICRO), f"run_dir={run_dir}",
+            f"train.steps={steps}", "train.checkpoint_every=2", "train.log_every=1"]
+    import os
+    return subprocess.Popen(args, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_killed_run_resumes_to_the_same_losses(tmp_path):
+    steps = 30
+    whole = run_cli("train", MICRO, f"run_dir={tmp_path / 'whole'}", f"train.steps={steps}", "train.log_every=1")
+    assert whole.returncode == 0, whole.stderr
+    process = start_training(tmp_path / "killed", steps)
+    wait_for(lambda: (checkpoint_dir(tmp_path / "killed") / "4").is_dir(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(read_metrics(tmp_path / "killed"))
+    assert killed_at < steps, "the run finished before it was killed"
+    resumed = run_cli("train", MICRO, f"run_dir={tmp_path / 'killed'}", f"train.steps={steps}", "train.log_every=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    np.testing.assert_allclose(losses(tmp_path / "killed"), losses(tmp_path / "whole"), rtol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    process = start_training(tmp_path / "run", 100_000)
+    wait_for(lambda: (checkpoint_dir(tmp_path / "run") / "2").is_dir(), process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "SIGTERM: saved checkpoint at step" in err
+    latest = Checkpointer(tmp_path / "run", read_only=True).latest_step()
+    assert latest == max(read_metrics(tmp_path / "run")) and latest % 2 != 0 or latest >= 2
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_cli("train", MICRO, f"run_dir={tmp_path}", "train.learning_rate=1e30", "train.warmup_steps=2",
+                     "train.checkpoint_every=1", "train.steps=6")
+    assert result.returncode == 1
+    assert "training diverged" in result.stderr and "last good checkpoint (step 1)" in result.stderr
+    assert Checkpointer(tmp_path, read_only=True).latest_step() == 1
+    (tmp_path / "text.txt").write_text("Some text to score.")
+    code = cli.main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "text.txt")])
+    assert code == 0  # the kept checkpoint is whole and usable
+
+
+def test_eval_reports_the_sum_of_per_byte_bits(trained, tmp_path):
+    docs = {"a.txt": "The cat sat on the mat. ".encode() * 3, "b.txt": "Ünïcode wörds ünd 日本語.".encode(),
+            "c.txt": bytes(range(200, 256))}
+    for name, data in docs.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "result.json"
+    assert cli.main(["eval", "--checkpoint", str(trained), "--data", *(str(tmp_path / n) for n in docs),
+                     "--output-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"bpb", "bytes", "per_source"}
+    assert result["bytes"] == sum(len(d) for d in docs.values())
+
+    # Independently: each document alone in a row, -log2 p of each of its bytes, summed.
+    config, _, graphdef, params = cli._load_run(str(trained))
+    model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))
+    for entry, (name, data) in zip(result["per_source"], docs.items()):
+        doc = to_document(data, config.data.max_word_bytes)
+        builder = RowBuilder(config.data.row_bytes, config.data.row_words)
+        builder.add(doc.tokens, doc.word_lengths)
+        batch = {k: jnp.asarray(v[None]) for k, v in builder.finish().items()}
+        log_probs = jax.nn.log_softmax(model(batch)[0, :len(data)], axis=-1)
+        bits = -float(jnp.take_along_axis(log_probs, jnp.asarray(doc.tokens[1:, None]), axis=1).sum()) / math.log(2)
+        assert entry["path"].endswith(name) and entry["bytes"] == len(data)
+        assert entry["bits"] == pytest.approx(bits, rel=1e-4)
+    assert result["bpb"] == pytest.approx(sum(e["bits"] for e in result["per_source"]) / result["bytes"])
+
+
+def test_generate_continues_the_prompt_deterministically(trained, capsysbinary):
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "The ", "--max-bytes", "12", "--seed", "3"]
+    assert cli.main(args) == 0
+    first = capsysbinary.readouterr().out
+    assert cli.main(args) == 0
+    assert capsysbinary.readouterr().out == first
+    assert first.startswith(b"The ") and len(first) == len(b"The ") + 12 + 1
+
+
+def test_init_from_loads_weights_only(trained, tmp_path):
+    config = micro_config(run_dir=tmp_path / "continued", init_from=trained, **{"train.steps": 1,
+                                                                                "train.learning_rate": 0.0})
+    train(config)
+    _, _, _, source = cli._load_run(str(trained))
+    _, _, _, continued = cli._load_run(str(tmp_path / "continued"))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, continued), jax.tree.map(np.asarray, source))
+    assert Checkpointer(tmp_path / "continued", read_only=True).latest_step() == 1
+
+
+def test_bad_input_gets_one_line_and_exit_code_2(trained, tmp_path, capsys):
+    cases = [
+        (["eval", "--checkpoint", str(trained), "--data", str(tmp_path / "missing.txt")], "no such file"),
+        (["eval", "--checkpoint", str(tmp_path), "--data", "x"], "not a hiermodel run"),
+        (["train", str(MICRO), "data.train=" + str(tmp_path / "nothing*")], "matches no files"),
+        (["train", str(MICRO), "train.batch_size=3"], "train.batch_size=3"),
+        (["generate", "--checkpoint", str(trained), "--prompt", "x", "--top-p", "0"], "--top-p"),
+    ]
+    for name, change, message in [("kind", {"kind": "byte"}, "model.kind='byte'"),
+                                  ("shape", {"backbone_dim": 96}, "does not hold this model's parameters")]:
+        wrong = tmp_path / name
+        shutil.copytree(trained, wrong)
+        step = Checkpointer(wrong, read_only=True).latest_step()
+        meta = checkpoint_dir(wrong) / str(step) / "config" / "metadata"
+        saved = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**saved, "model": {**saved["model"], **change}}))
+        cases.append((["eval", "--checkpoint", str(wrong), "--data", "x"], message))
+    for args, message in cases:
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
