@@ -69,3 +69,9 @@ def test_parameters_are_sharded_by_the_rules():
     # Adam moments follow their parameters.
     adam = layout.shardings["opt_state"][1][0]
     assert spec(adam.mu["backbone"][0]["mlp"]["w_up"]) == ("fsdp", "tensor")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    _, whole = run(tmp_path, "whole", "1", **{"train.steps": 3})
+    _, accumulated = run(tmp_path, "accumulated", "1", **{"train.steps": 3, "train.grad_accum": 4})
+    np.testing.assert_allclose(accumulated, whole, rtol=2e-5)

@@ -38,11 +38,11 @@ def score_source(score_fn, params, source: DocumentSource, data: DataConfig, bat
         bits += np.bincount(tags, weights=bits_BxT[scored].astype(np.float64), minlength=files)
         counts += np.bincount(tags, minlength=files)
         rows += batch_size
-        if progress and jax.process_index() == 0:
+        if progress and jax.process_index() == 0 and (sys.stderr.isatty() or rows % (20 * batch_size) == 0):
             elapsed = time.monotonic() - started
-            print(f"\rscored {counts.sum():,} bytes in {elapsed:.0f}s "
-                  f"({counts.sum() / max(elapsed, 1e-9) / 1e3:.1f} KB/s)", end="", file=sys.stderr, flush=True)
-    if progress and jax.process_index() == 0:
+            print(f"scored {counts.sum():,} bytes in {elapsed:.0f}s ({counts.sum() / max(elapsed, 1e-9) / 1e3:.1f} KB/s)",
+                  end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+    if progress and jax.process_index() == 0 and sys.stderr.isatty():
         print(file=sys.stderr)
     per_source = [
         {"path": path, "bytes": int(n), "bits": float(b), "bpb": float(b / n) if n else float("nan")}
