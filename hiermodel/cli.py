@@ -12,8 +12,6 @@ USAGE_ERROR = 2
 
 def _load_run(run_dir: str):
     """(config, mesh, graphdef, params) of a run's latest checkpoint, on all local devices."""
-    import jax
-
     from hiermodel import config as config_lib
     from hiermodel.models.registry import check_kind
     from hiermodel.train import state as state_lib

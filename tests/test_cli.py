@@ -76,7 +76,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert process.returncode == 0, err
     assert "SIGTERM: saved checkpoint at step" in err
     latest = Checkpointer(tmp_path / "run", read_only=True).latest_step()
-    assert latest == max(read_metrics(tmp_path / "run")) and latest % 2 != 0 or latest >= 2
+    assert latest == max(read_metrics(tmp_path / "run"))  # saved at the step it stopped on
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -1,7 +1,5 @@
 import jax
 import numpy as np
-import optax
-import pytest
 
 from hiermodel.config import MeshConfig
 from hiermodel.train import state as state_lib

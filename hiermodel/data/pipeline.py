@@ -1,6 +1,5 @@
 """The grain input pipeline: documents -> shuffled per-process slice -> words -> packed rows -> batches."""
 
-import dataclasses
 from typing import Iterator
 
 import grain
@@ -102,11 +101,6 @@ def train_dataset(config: DataConfig, source: DocumentSource, seed: int, local_b
     ds = PackIterDataset(ds.to_iter_dataset(), config.row_bytes, config.row_words)
     ds = ds.batch(local_batch, drop_remainder=True)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)
-
-
-@dataclasses.dataclass
-class ScoringBatch:
-    arrays: dict[str, np.ndarray]  # [batch, ...] rows; tags_BxT name the file of each token
 
 
 def scoring_batches(config: DataConfig, source: DocumentSource, batch_size: int,

@@ -8,6 +8,7 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hiermodel.config import MeshConfig
@@ -54,8 +55,6 @@ def logical_spec(axes: tuple, shape: tuple[int, ...], mesh_shape: dict[str, int]
 
 def param_shardings(abstract_params, mesh: Mesh):
     """NamedShardings for an nnx.State of parameters, from each one's `axes` metadata."""
-    import flax.nnx as nnx
-
     def place(variable):
         shape = variable.get_value().shape
         axes = variable.get_metadata().get("axes") or (None,) * len(shape)
