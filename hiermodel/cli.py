@@ -50,12 +50,11 @@ def cmd_eval(args) -> int:
 
     from hiermodel.data.sources import DocumentSource
     from hiermodel.eval.score import make_score_fn, score_source
-    from hiermodel.train.state import param_layout
 
     config, mesh, graphdef, params = _load_run(args.checkpoint)
     source = DocumentSource(args.data, config.data.separator, config.data.jsonl_field)
     with jax.set_mesh(mesh):
-        shardings = param_layout(config, mesh)[2]
+        shardings = jax.tree.map(lambda p: p.sharding, params)
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings)
         batch_size = args.batch_size or max(jax.device_count(), 8)
         result = score_source(score_fn, params, source, config.data, batch_size, mesh, progress=True)

@@ -12,6 +12,7 @@ cut between rows. Arrays of a row:
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -28,6 +29,15 @@ class Document:
     @property
     def num_words(self) -> int:
         return len(self.word_lengths)
+
+    @functools.cached_property
+    def word_starts(self) -> np.ndarray:
+        """Token offset of each word, and the total length last."""
+        return np.concatenate([[0], np.cumsum(self.word_lengths)])
+
+    def words(self, first: int, end: int) -> "Document":
+        """Words first..end-1 and their tokens."""
+        return Document(self.tokens[self.word_starts[first]:self.word_starts[end]], self.word_lengths[first:end])
 
 
 def to_document(data: bytes, max_word_bytes: int) -> Document:
@@ -96,7 +106,7 @@ def chunk_for_scoring(document: Document, row_bytes: int, row_words: int) -> lis
     Every token after BOS is a scored target of exactly one segment, and each segment after
     the first sees up to half a row of the words before it.
     """
-    starts = np.concatenate([[0], np.cumsum(document.word_lengths)])
+    starts = document.word_starts
     pieces, first = [], 0
     builder = RowBuilder(row_bytes, row_words)
     while first < document.num_words:
@@ -108,8 +118,6 @@ def chunk_for_scoring(document: Document, row_bytes: int, row_words: int) -> lis
         lo = first - context
         taken = builder.words_that_fit(document.word_lengths[lo:])
         assert taken > context, "a row must hold more than its context"
-        hi = lo + taken
-        piece = Document(document.tokens[starts[lo]:starts[hi]], document.word_lengths[lo:hi])
-        pieces.append((piece, context))
-        first = hi
+        pieces.append((document.words(lo, lo + taken), context))
+        first = lo + taken
     return pieces

@@ -30,7 +30,7 @@ class _PackIterator(grain.DatasetIterator):
         self._builder = RowBuilder(row_bytes, row_words)
         self._document: Document | None = None
         self._offset = 0  # words of the current document already packed
-        self._parent_state = parent.get_state()
+        self._parent_state = None  # the parent's state before the current document
 
     def _next_document(self) -> bool:
         self._parent_state = self._parent.get_state()
@@ -51,10 +51,9 @@ class _PackIterator(grain.DatasetIterator):
                 return builder.finish()
             doc, offset = self._document, self._offset
             taken = builder.words_that_fit(doc.word_lengths[offset:])
-            starts = np.concatenate([[0], np.cumsum(doc.word_lengths)])
-            if taken and starts[offset + taken] - starts[offset] >= 2:  # a lone token has no target
-                builder.add(doc.tokens[starts[offset]:starts[offset + taken]],
-                            doc.word_lengths[offset:offset + taken])
+            piece = doc.words(offset, offset + taken)
+            if len(piece.tokens) >= 2:  # a lone token has no target
+                builder.add(piece.tokens, piece.word_lengths)
                 self._offset = offset + taken
                 if self._offset == doc.num_words:
                     self._document = None

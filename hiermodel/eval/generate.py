@@ -17,13 +17,11 @@ def context_row(data: bytes, config: DataConfig) -> tuple[dict, int]:
     """A one-row batch holding the longest tail of whole words of BOS + data; and the last position."""
     document = to_document(data, config.max_word_bytes)
     builder = RowBuilder(config.row_bytes, config.row_words)
-    lengths = document.word_lengths
     # Keep the most recent words that fit, dropping from the front.
-    keep = builder.words_that_fit(lengths[::-1])
-    first_token = int(lengths[:len(lengths) - keep].sum())
-    builder.add(document.tokens[first_token:], lengths[len(lengths) - keep:])
-    row = builder.finish()
-    return {k: v[None] for k, v in row.items()}, len(document.tokens) - first_token - 1
+    keep = builder.words_that_fit(document.word_lengths[::-1])
+    tail = document.words(document.num_words - keep, document.num_words)
+    builder.add(tail.tokens, tail.word_lengths)
+    return {k: v[None] for k, v in builder.finish().items()}, len(tail.tokens) - 1
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
