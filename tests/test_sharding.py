@@ -73,3 +73,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     _, whole = run(tmp_path, "whole", "1", **{"train.steps": 3})
     _, accumulated = run(tmp_path, "accumulated", "1", **{"train.steps": 3, "train.grad_accum": 4})
     np.testing.assert_allclose(accumulated, whole, rtol=2e-5)
+
+
+def test_rematerialisation_changes_no_loss(tmp_path):
+    _, plain = run(tmp_path, "plain", "1", **{"train.steps": 2})
+    _, remat = run(tmp_path, "remat", "1", **{"train.steps": 2, "model.remat": True})
+    np.testing.assert_allclose(remat, plain, rtol=1e-5)

@@ -53,13 +53,16 @@ class WordPooling(nnx.Module):
         return jnp.einsum("bwhk,hkd->bwd", pooled_BxW1xHxDh[:, :num_words], self.wo[...])
 
 
+def _byte_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    return Block(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim, cfg.rope_theta, cfg.norm_eps, rngs)
+
+
 class DecoderBlock(nnx.Module):
     """Adds a projection of the word's predictive embedding, then a byte self-attention block."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.condition = param(rngs, (cfg.backbone_dim, cfg.byte_dim), ("embed", None))
-        self.block = Block(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
-                           cfg.rope_theta, cfg.norm_eps, rngs)
+        self.block = _byte_block(cfg, rngs)
 
     def __call__(self, x_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT, window: int):
         x_BxTxD = x_BxTxD + predictive_BxTxDb @ self.condition[...]
@@ -69,10 +72,8 @@ class DecoderBlock(nnx.Module):
 class HAT(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        byte_block = lambda: Block(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
-                                   cfg.rope_theta, cfg.norm_eps, rngs)
         self.embed = param(rngs, (VOCAB_SIZE, cfg.byte_dim), ("vocab", "embed"), fan_in=1)
-        self.encoder = nnx.List([byte_block() for _ in range(cfg.encoder_layers)])
+        self.encoder = nnx.List([_byte_block(cfg, rngs) for _ in range(cfg.encoder_layers)])
         self.pool = WordPooling(cfg.byte_dim, cfg.pool_heads, cfg.backbone_dim, cfg.rope_theta, rngs)
         self.backbone = nnx.List([
             Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
@@ -93,12 +94,12 @@ class HAT(nnx.Module):
         positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
 
         h_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
-        h_BxTxD = run_blocks(self.encoder, h_BxTxD, positions_BxT, segments_BxT, cfg.byte_window, cfg.remat)
+        h_BxTxD = run_blocks(self.encoder, h_BxTxD, positions_BxT, segments_BxT, cfg.byte_window, remat=cfg.remat)
 
         words_BxWxDb = self.pool(h_BxTxD, words_BxT, num_words)
         word_positions_BxW = jnp.broadcast_to(jnp.arange(num_words), word_segments_BxW.shape)
         words_BxWxDb = run_blocks(self.backbone, words_BxWxDb, word_positions_BxW, word_segments_BxW,
-                                  0, cfg.remat)
+                                  remat=cfg.remat)
         predictive_BxWxDb = self.backbone_norm(words_BxWxDb)
 
         # Byte t reads the summary of the word before its own; a segment's first word has none.
@@ -109,9 +110,8 @@ class HAT(nnx.Module):
         shifted_BxWxDb = jnp.pad(shifted_BxWxDb, ((0, 0), (0, 1), (0, 0)))  # row for padding bytes
         predictive_BxTxDb = jnp.take_along_axis(shifted_BxWxDb, words_BxT[..., None], axis=1)
 
-        x_BxTxD = h_BxTxD
-        for block in self.decoder:
-            x_BxTxD = block(x_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT, cfg.byte_window)
+        x_BxTxD = run_blocks(self.decoder, h_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT,
+                             cfg.byte_window, remat=cfg.remat)
         return (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
 
 

@@ -152,11 +152,12 @@ class Block(nnx.Module):
         return constrain(x_BxTxD, ("batch", "length", None))
 
 
-def run_blocks(blocks, x_BxTxD, positions_BxT, segments_BxT, window: int, remat: bool):
-    """Apply a stack of blocks, rematerialising each in the backward pass if asked."""
+def run_blocks(blocks, x_BxTxD, *args, remat: bool):
+    """Apply a stack of blocks, each called as block(x, *args), rematerialised in the backward
+    pass if asked."""
     for block in blocks:
         if remat:
-            x_BxTxD = nnx.remat(lambda blk, x: blk(x, positions_BxT, segments_BxT, window))(block, x_BxTxD)
+            x_BxTxD = nnx.remat(lambda blk, x: blk(x, *args))(block, x_BxTxD)
         else:
-            x_BxTxD = block(x_BxTxD, positions_BxT, segments_BxT, window)
+            x_BxTxD = block(x_BxTxD, *args)
     return x_BxTxD

@@ -40,10 +40,14 @@ def param_layout(config: Config, mesh: Mesh):
     return graphdef, nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(param_shardings(abstract_params, mesh))
 
 
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def abstract_params(config: Config, mesh: Mesh):
     """(graphdef, parameters as ShapeDtypeStructs carrying their shardings) for restoring."""
     graphdef, shapes, shardings = param_layout(config, mesh)
-    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return graphdef, _with_shardings(shapes, shardings)
 
 
 def layout(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
@@ -54,21 +58,19 @@ def layout(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> Stat
                                    transform_non_params=lambda _: replicated)
     shardings = {"params": params_sh, "opt_state": opt_sh, "step": replicated}
     shapes = {"params": pure_params, "opt_state": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return StateLayout(graphdef, abstract, shardings)
+    return StateLayout(graphdef, _with_shardings(shapes, shardings), shardings)
+
+
+def _step_zero(params, tx: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
 def initialize(config: Config, tx: optax.GradientTransformation, state_layout: StateLayout) -> dict:
     """A fresh train state, created directly in its shards."""
-
-    def init():
-        params = nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(config.seed)), nnx.Param))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
+    init = lambda: _step_zero(nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(config.seed)), nnx.Param)), tx)
     return jax.jit(init, out_shardings=state_layout.shardings)()
 
 
 def with_params(params, tx: optax.GradientTransformation, state_layout: StateLayout) -> dict:
     """A train state at step 0 around given parameters (continued pretraining)."""
-    init = lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
-    return jax.jit(init, out_shardings=state_layout.shardings)(params)
+    return jax.jit(lambda p: _step_zero(p, tx), out_shardings=state_layout.shardings)(params)
