@@ -144,7 +144,8 @@ def test_bad_input_gets_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (["train", str(MICRO), "train.batch_size=3"], "train.batch_size=3"),
         (["generate", "--checkpoint", str(trained), "--prompt", "x", "--top-p", "0"], "--top-p"),
     ]
-    for name, change, message in [("kind", {"kind": "byte"}, "model.kind='byte'"),
+    for name, change, message in [("kind", {"kind": "nope"}, "model.kind='nope'"),
+                                  ("other", {"kind": "byte"}, "does not hold this model's parameters"),
                                   ("shape", {"backbone_dim": 96}, "does not hold this model's parameters")]:
         wrong = tmp_path / name
         shutil.copytree(trained, wrong)

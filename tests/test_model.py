@@ -21,9 +21,9 @@ def row(*documents: bytes, context_words: int = 0):
     return {k: v[None] for k, v in builder.finish().items()}
 
 
-@pytest.fixture(scope="module")
-def model():
-    return build(CFG.model, nnx.Rngs(0))
+@pytest.fixture(scope="module", params=["hat", "byte"])
+def model(request):
+    return build(micro_config(**{"model.kind": request.param}).model, nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")

@@ -79,3 +79,14 @@ def test_rematerialisation_changes_no_loss(tmp_path):
     _, plain = run(tmp_path, "plain", "1", **{"train.steps": 2})
     _, remat = run(tmp_path, "remat", "1", **{"train.steps": 2, "model.remat": True})
     np.testing.assert_allclose(remat, plain, rtol=1e-5)
+
+
+def test_the_byte_baseline_trains_in_the_same_trainer(tmp_path):
+    _, losses = run(tmp_path, "byte", "2x2x2", **{"model.kind": "byte"})
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_logged_loss_covers_every_step_since_the_last_line(tmp_path):
+    _, every = run(tmp_path, "every", "1", **{"train.steps": 4})
+    _, pairs = run(tmp_path, "pairs", "1", **{"train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 4})
+    np.testing.assert_allclose(pairs, [np.mean(every[:2]), np.mean(every[2:])], rtol=1e-3)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
-from hiermodel.models.layers import Block, RMSNorm, param, rope, run_blocks
+from hiermodel.models.layers import Block, RMSNorm, block_matmul_params, param, rope, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
 
@@ -115,23 +115,18 @@ class HAT(nnx.Module):
         return (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
 
 
-def _block_matmul_params(dim: int, heads: int, kv_heads: int, mlp_dim: int) -> int:
-    head_dim = dim // heads
-    return 2 * dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 3 * dim * mlp_dim
-
-
 def train_flops(cfg: ModelConfig, num_bytes: float, num_words: float, row_bytes: int, row_words: int) -> float:
     """Estimated training FLOPs (3x forward) for a batch with these many real bytes and words.
 
     Matmuls count 2 FLOPs per parameter per token; attention counts QK^T and PV over the
     mean causal context (half the window or row).
     """
-    byte_block = _block_matmul_params(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim)
+    byte_block = block_matmul_params(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim)
     per_byte = ((cfg.encoder_layers + cfg.decoder_layers) * byte_block
                 + cfg.decoder_layers * cfg.backbone_dim * cfg.byte_dim  # conditioning projections
                 + 2 * cfg.byte_dim * cfg.byte_dim  # pooling keys and values
                 + cfg.byte_dim * VOCAB_SIZE)  # head
-    word_block = _block_matmul_params(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
+    word_block = block_matmul_params(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
                                       cfg.backbone_mlp_dim)
     per_word = cfg.backbone_layers * word_block + cfg.byte_dim * cfg.backbone_dim
     byte_context = min(cfg.byte_window or row_bytes, row_bytes) / 2

@@ -161,3 +161,9 @@ def run_blocks(blocks, x_BxTxD, *args, remat: bool):
         else:
             x_BxTxD = block(x_BxTxD, *args)
     return x_BxTxD
+
+
+def block_matmul_params(dim: int, heads: int, kv_heads: int, mlp_dim: int) -> int:
+    """Weights a token multiplies through in one Block (2 FLOPs each, forward)."""
+    head_dim = dim // heads
+    return 2 * dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 3 * dim * mlp_dim

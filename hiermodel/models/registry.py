@@ -9,9 +9,9 @@ from flax import nnx
 
 from hiermodel.config import ModelConfig
 from hiermodel.errors import UserError
-from hiermodel.models import hat
+from hiermodel.models import byte, hat
 
-KINDS = {"hat": (hat.HAT, hat.train_flops)}
+KINDS = {"hat": (hat.HAT, hat.train_flops), "byte": (byte.ByteLM, byte.train_flops)}
 
 
 def check_kind(config: ModelConfig) -> None:

@@ -169,9 +169,12 @@ def _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpoi
                 elapsed = time.monotonic() - window_start
                 flops = train_flops(config.model, window_bytes, window_words,
                                     config.data.row_bytes, config.data.row_words)
+                # Loss over every target since the last log, not just the last batch's.
+                targets = sum(float(m["targets"]) for _, m in fetched)
+                loss = sum(float(m["loss"]) * float(m["targets"]) for _, m in fetched) / max(targets, 1.0)
                 m = fetched[-1][1]
                 last_logged = {
-                    "loss": float(m["loss"]), "bpb": float(m["bpb"]), "grad_norm": float(m["grad_norm"]),
+                    "loss": loss, "bpb": loss / math.log(2), "grad_norm": float(m["grad_norm"]),
                     "param_norm": float(m["param_norm"]),
                     "lr": float(lr_at(done - 1)), "bytes_per_s": window_bytes / elapsed,
                     "words_per_s": window_words / elapsed, "flops_per_byte": flops / max(window_bytes, 1),
