@@ -24,6 +24,14 @@ from tests.conftest import MICRO, REPO, micro_config, run_cli
 pytestmark = pytest.mark.slow
 
 
+def latest_step(run_dir):
+    checkpointer = Checkpointer(run_dir, read_only=True)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
 def losses(run_dir):
     return [m["loss"] for _, m in sorted(read_metrics(run_dir).items())]
 
@@ -75,7 +83,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "SIGTERM: saved checkpoint at step" in err
-    latest = Checkpointer(tmp_path / "run", read_only=True).latest_step()
+    latest = latest_step(tmp_path / "run")
     assert latest == max(read_metrics(tmp_path / "run"))  # saved at the step it stopped on
 
 
@@ -84,7 +92,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
                      "train.checkpoint_every=1", "train.steps=6")
     assert result.returncode == 1
     assert "training diverged" in result.stderr and "last good checkpoint (step 1)" in result.stderr
-    assert Checkpointer(tmp_path, read_only=True).latest_step() == 1
+    assert latest_step(tmp_path) == 1
     (tmp_path / "text.txt").write_text("Some text to score.")
     code = cli.main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "text.txt")])
     assert code == 0  # the kept checkpoint is whole and usable
@@ -133,7 +141,7 @@ def test_init_from_loads_weights_only(trained, tmp_path):
     _, _, _, source = cli._load_run(str(trained))
     _, _, _, continued = cli._load_run(str(tmp_path / "continued"))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, continued), jax.tree.map(np.asarray, source))
-    assert Checkpointer(tmp_path / "continued", read_only=True).latest_step() == 1
+    assert latest_step(tmp_path / "continued") == 1
 
 
 def test_bad_input_gets_one_line_and_exit_code_2(trained, tmp_path, capsys):
@@ -149,7 +157,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(trained, tmp_path, capsys):
                                   ("shape", {"backbone_dim": 96}, "does not hold this model's parameters")]:
         wrong = tmp_path / name
         shutil.copytree(trained, wrong)
-        step = Checkpointer(wrong, read_only=True).latest_step()
+        step = latest_step(wrong)
         meta = checkpoint_dir(wrong) / str(step) / "config" / "metadata"
         saved = json.loads(meta.read_text())
         meta.write_text(json.dumps({**saved, "model": {**saved["model"], **change}}))

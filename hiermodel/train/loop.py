@@ -115,6 +115,7 @@ def train(config: Config, devices=None) -> dict:
                 raise UserError(f"init_from={config.init_from}: its model config differs from this run's")
             writer.info(f"initialising weights from {config.init_from} step {source_step}")
             params = source_run.restore_params(source_step, layout.abstract["params"])
+            source_run.close()
             state = state_lib.with_params(params, tx, layout)
         else:
             state = state_lib.initialize(config, tx, layout)
