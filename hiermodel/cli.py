@@ -11,7 +11,8 @@ USAGE_ERROR = 2
 
 
 def _load_run(run_dir: str):
-    """(config, mesh, graphdef, params) of a run's latest checkpoint, on all local devices."""
+    """(config, mesh, graphdef, params) of a run's latest checkpoint, on all local devices; the
+    config's run_dir is where the run is now."""
     from hiermodel import config as config_lib
     from hiermodel.models.registry import check_kind
     from hiermodel.train import state as state_lib
@@ -20,6 +21,7 @@ def _load_run(run_dir: str):
 
     checkpointer, step, saved = open_run(run_dir)
     config = config_lib.from_dict(saved, f"{run_dir} checkpoint {step} config")
+    config.run_dir = run_dir
     check_kind(config.model)
     mesh = make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1))
     graphdef, abstract = state_lib.abstract_params(config, mesh)
@@ -48,31 +50,46 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import jax
 
-    from hiermodel.data.sources import DocumentSource
+    from hiermodel.data.documents import encoding
+    from hiermodel.data.sources import DocumentSource, open_split
+    from hiermodel.eval.perturb import Perturbation, PerturbedSource
     from hiermodel.eval.score import make_score_fn, score_source
 
+    perturbations = [Perturbation.parse(spec) for spec in args.perturb]
     config, mesh, graphdef, params = _load_run(args.checkpoint)
-    source = DocumentSource(args.data, config.data.separator, config.data.jsonl_field)
+    source = open_split(config.data, "eval", args.data) if args.held_out else DocumentSource(
+        args.data, config.data.separator, config.data.jsonl_field, config.data.chunk_bytes)
+    encoder = encoding(config)
     with jax.set_mesh(mesh):
         shardings = jax.tree.map(lambda p: p.sharding, params)
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings)
         batch_size = args.batch_size or max(jax.device_count(), 8)
-        result = score_source(score_fn, params, source, config.data, batch_size, mesh, progress=True)
+        score = lambda docs: score_source(score_fn, params, docs, encoder.document, config.data, batch_size, mesh,
+                                          progress=True)
+        result = score(source)
+        result["perturbations"] = {}
+        for perturbation in perturbations:
+            noisy = score(PerturbedSource(source, perturbation, args.perturb_seed))
+            noisy["degradation"] = noisy["bpb"] - result["bpb"]
+            result["perturbations"][str(perturbation)] = noisy
     if jax.process_index() == 0:
         width = max(len(s["path"]) for s in result["per_source"])
         print(f"{'source':<{width}}  {'bytes':>12}  {'bpb':>7}")
         for s in result["per_source"]:
             print(f"{s['path']:<{width}}  {s['bytes']:>12,}  {s['bpb']:>7.4f}")
         print(f"{'total':<{width}}  {result['bytes']:>12,}  {result['bpb']:>7.4f}")
+        for name, noisy in result["perturbations"].items():
+            print(f"{'perturbed ' + name:<{width}}  {noisy['bytes']:>12,}  {noisy['bpb']:>7.4f}  "
+                  f"({noisy['degradation']:+.4f} bpb, against the clean bytes)")
         if args.output_json:
-            Path(args.output_json).write_text(json.dumps(
-                {"bpb": result["bpb"], "bytes": result["bytes"], "per_source": result["per_source"]}, indent=2))
+            Path(args.output_json).write_text(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_generate(args) -> int:
     import jax
 
+    from hiermodel.data.documents import encoding
     from hiermodel.eval.generate import generate
 
     if args.max_bytes < 1:
@@ -80,30 +97,42 @@ def cmd_generate(args) -> int:
     if not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     config, mesh, graphdef, params = _load_run(args.checkpoint)
+    encoder = encoding(config)
     prompt = args.prompt.encode("utf-8", errors="surrogateescape")
     out = sys.stdout.buffer
     out.write(prompt)
     out.flush()
 
-    def show(byte: int):
-        out.write(bytes([byte]))
+    def show(piece: bytes):
+        out.write(piece)
         out.flush()
 
     with jax.set_mesh(mesh):
-        generate(graphdef, params, prompt, args.max_bytes, config.data, config.model.compute_dtype,
-                 args.temperature, args.top_p, args.seed, on_byte=show)
+        generate(graphdef, params, encoder, prompt, args.max_bytes, config.data, config.model.compute_dtype,
+                 args.temperature, args.top_p, args.seed, on_bytes=show)
     out.write(b"\n")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from hiermodel.eval.compare import compare
+
+    compare(args.models, args.overrides, args.output, args.budget_flops, args.budget_bytes, args.curve_points,
+            args.perturb, args.perturb_seed)
     return 0
 
 
 def cmd_info(args) -> int:
     from hiermodel import config as config_lib
-    from hiermodel.models.registry import check_kind
+    from hiermodel.models.registry import check_kind, forward_flops, train_flops
     from hiermodel.train.state import num_params
 
     config = config_lib.load(args.config, args.overrides)
     check_kind(config.model)
-    print(f"{args.config}: model.kind={config.model.kind}, {num_params(config):,} parameters")
+    shape = (config.model, config.data.row_tokens, config.data.row_words)
+    print(f"{args.config}: model.kind={config.model.kind}, {num_params(config):,} parameters, "
+          f"{train_flops(*shape) / config.data.row_tokens:.4g} training and "
+          f"{forward_flops(*shape) / config.data.row_tokens:.4g} inference FLOPs per token of a full row")
     return 0
 
 
@@ -121,6 +150,12 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, nargs="+", help="files, directories, globs, JSONL")
     evaluate.add_argument("--output-json", help="write the results here")
     evaluate.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: 8)")
+    evaluate.add_argument("--perturb", action="append", default=[], metavar="KIND:RATE",
+                          help="also score seeded noisy text (swap, drop, insert, case, whitespace; "
+                               "repeatable), in bits per clean byte")
+    evaluate.add_argument("--perturb-seed", type=int, default=0)
+    evaluate.add_argument("--held-out", action="store_true",
+                          help="score only the documents the run's data.holdout kept out of training")
     evaluate.set_defaults(run=cmd_eval)
 
     gen = sub.add_parser("generate", help="sample a continuation of a prompt")
@@ -131,6 +166,19 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=cmd_generate)
+
+    comp = sub.add_parser("compare", help="train several configs at a matched budget and tabulate bits per byte")
+    comp.add_argument("--models", nargs="+", required=True, help="model configs, e.g. configs/tiny.yaml "
+                      "configs/tiny_byte.yaml configs/tiny_subword.yaml")
+    comp.add_argument("overrides", nargs="*", help="key=value applied to every model, e.g. data.train=DIR")
+    comp.add_argument("--output", required=True, help="directory for the runs, compare.md, compare.png")
+    comp.add_argument("--budget-flops", type=float, default=0.0, help="training FLOPs per model")
+    comp.add_argument("--budget-bytes", type=float, default=0.0, help="training bytes per model")
+    comp.add_argument("--curve-points", type=int, default=4, help="evaluations along each run, for the plot")
+    comp.add_argument("--perturb", action="append", default=[], metavar="KIND:RATE",
+                      help="also report each model's degradation under this noise (repeatable)")
+    comp.add_argument("--perturb-seed", type=int, default=0)
+    comp.set_defaults(run=cmd_compare)
 
     info = sub.add_parser("info", help="build a config's model abstractly and count its parameters")
     info.add_argument("config")

@@ -11,7 +11,7 @@ from hiermodel.errors import UserError
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: str = "hat"
+    kind: str = "hat"  # hat, byte or subword
     encoder_layers: int = 2
     decoder_layers: int = 2
     byte_dim: int = 128  # width of the byte encoder and decoder
@@ -27,6 +27,8 @@ class ModelConfig:
     pool_heads: int = 4
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    vocab_size: int = 0  # subword: the tokenizer's size (BOS and the 256 bytes included)
+    tokenizer: str = ""  # subword: a file made by tools/train_tokenizer.py
     compute_dtype: str = "float32"  # or bfloat16; parameters always stay float32
     remat: bool = False
 
@@ -36,9 +38,11 @@ class DataConfig:
     train: list[str] = dataclasses.field(default_factory=lambda: ["builtin:train"])
     eval: list[str] = dataclasses.field(default_factory=lambda: ["builtin:eval"])
     separator: str = ""  # empty: one document per file; else split text files on it
+    chunk_bytes: int = 0  # > 0: cut text documents into pieces of at most this size, at line ends
+    holdout: float = 0.0  # > 0: this share of documents (by content hash) is never trained on; eval reads only it
     jsonl_field: str = "text"
     max_word_bytes: int = 100
-    row_bytes: int = 1024
+    row_tokens: int = 1024  # positions per row: bytes, or subword tokens
     row_words: int = 256
     shuffle: bool = True
 

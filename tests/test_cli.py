@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from hiermodel import cli
-from hiermodel.data.packing import RowBuilder, to_document
+from hiermodel.data.documents import ByteEncoding
+from hiermodel.data.packing import RowBuilder
 from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
@@ -105,18 +106,22 @@ def test_eval_reports_the_sum_of_per_byte_bits(trained, tmp_path):
         (tmp_path / name).write_bytes(data)
     out = tmp_path / "result.json"
     assert cli.main(["eval", "--checkpoint", str(trained), "--data", *(str(tmp_path / n) for n in docs),
-                     "--output-json", str(out)]) == 0
+                     "--output-json", str(out), "--perturb", "case:0", "--perturb", "drop:0.3"]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"bpb", "bytes", "per_source"}
+    assert set(result) == {"bpb", "bits", "bytes", "per_source", "perturbations"}
     assert result["bytes"] == sum(len(d) for d in docs.values())
+    # Perturbed text is scored against the clean bytes; a zero rate changes nothing.
+    unchanged, dropped = result["perturbations"]["case:0"], result["perturbations"]["drop:0.3"]
+    assert unchanged["bits"] == pytest.approx(result["bits"], rel=1e-6) and unchanged["degradation"] == pytest.approx(0)
+    assert dropped["bytes"] == result["bytes"] and dropped["bits"] < 0.9 * result["bits"]
 
     # Independently: each document alone in a row, -log2 p of each of its bytes, summed.
     config, _, graphdef, params = cli._load_run(str(trained))
     model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))
     for entry, (name, data) in zip(result["per_source"], docs.items()):
-        doc = to_document(data, config.data.max_word_bytes)
-        builder = RowBuilder(config.data.row_bytes, config.data.row_words)
-        builder.add(doc.tokens, doc.word_lengths)
+        doc = ByteEncoding(config.data.max_word_bytes).document(data)
+        builder = RowBuilder(config.data.row_tokens, config.data.row_words)
+        builder.add(doc)
         batch = {k: jnp.asarray(v[None]) for k, v in builder.finish().items()}
         log_probs = jax.nn.log_softmax(model(batch)[0, :len(data)], axis=-1)
         bits = -float(jnp.take_along_axis(log_probs, jnp.asarray(doc.tokens[1:, None]), axis=1).sum()) / math.log(2)
@@ -151,6 +156,8 @@ def test_bad_input_gets_one_line_and_exit_code_2(trained, tmp_path, capsys):
         (["train", str(MICRO), "data.train=" + str(tmp_path / "nothing*")], "matches no files"),
         (["train", str(MICRO), "train.batch_size=3"], "train.batch_size=3"),
         (["generate", "--checkpoint", str(trained), "--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["eval", "--checkpoint", str(trained), "--data", "x", "--perturb", "typo:0.1"], "expected KIND:RATE"),
+        (["eval", "--checkpoint", str(trained), "--data", "x", "--perturb", "drop:2"], "between 0 and 1"),
     ]
     for name, change, message in [("kind", {"kind": "nope"}, "model.kind='nope'"),
                                   ("other", {"kind": "byte"}, "does not hold this model's parameters"),

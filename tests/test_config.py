@@ -31,7 +31,11 @@ def test_bad_keys_and_values_are_named(tmp_path):
         config_lib.load(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name, low, high", [("hat_1b", 0.8e9, 1.2e9), ("hat_3b", 2.5e9, 3.5e9),
-                                             ("hat_7b", 6.5e9, 7.5e9), ("tiny", 1e6, 1e7)])
+SIZES = {"1b": (0.8e9, 1.2e9), "3b": (2.5e9, 3.5e9), "7b": (6.5e9, 8e9)}
+
+
+@pytest.mark.parametrize("name, low, high", [(f"{kind}_{size}", *SIZES[size]) for kind in ("hat", "byte", "subword")
+                                             for size in SIZES]
+                         + [("tiny", 1e6, 1e7), ("tiny_byte", 1e6, 1e7), ("tiny_subword", 1e6, 1e7)])
 def test_scale_configs_build_to_their_size(name, low, high):
     assert low < num_params(config_lib.load(CONFIGS / f"{name}.yaml")) < high

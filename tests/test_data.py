@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 
 from hiermodel.config import DataConfig
-from hiermodel.data.packing import to_document
+from hiermodel.data.documents import ByteEncoding
 from hiermodel.data.pipeline import scoring_batches, train_dataset
 from hiermodel.data.shards import write_shards
-from hiermodel.data.sources import DocumentSource
+from hiermodel.data.sources import DocumentSource, chunk_at_lines, open_split
 from hiermodel.errors import UserError
 from hiermodel.text.words import BOS_ID, split_words
 
-SMALL = DataConfig(row_bytes=256, row_words=64, max_word_bytes=32)
+SMALL = DataConfig(row_tokens=256, row_words=64, max_word_bytes=32)
+BYTES = ByteEncoding(SMALL.max_word_bytes).document
 
 
 def segments_of(batch):
@@ -23,6 +24,28 @@ def segments_of(batch):
             at = segments == seg
             out.append((batch["tokens"][row][at], np.bincount(words[at])[np.unique(words[at])]))
     return out
+
+
+def test_chunks_cut_after_newlines_and_lose_nothing():
+    data = b"line one\nline two is longer\n" + b"x" * 50 + b"\nend"
+    pieces = chunk_at_lines(data, 20)
+    assert b"".join(pieces) == data and all(len(p) <= 20 for p in pieces)
+    assert pieces[0] == b"line one\n" and pieces[1] == b"line two is longer\n" and pieces[2] == b"x" * 20
+    assert chunk_at_lines(b"short", 20) == [b"short"]
+
+
+def test_holdout_splits_every_language_of_the_corpus_without_overlap(corpus):
+    files = str(corpus / "*.txt")
+    config = DataConfig(train=[files], eval=[files], chunk_bytes=8192, holdout=0.05)
+    train, held_out = open_split(config, "train"), open_split(config, "eval")
+    everything = DocumentSource([files], chunk_bytes=8192)
+    train_docs = {train[i] for i in range(len(train))}
+    eval_docs = {held_out[i] for i in range(len(held_out))}
+    assert not train_docs & eval_docs and train_docs | eval_docs == {everything[i] for i in range(len(everything))}
+    assert 0.02 < len(held_out) / len(everything) < 0.08
+    languages_with_held_out = {held_out.paths[f].rsplit("/", 1)[1][:2] for f in range(len(held_out.paths))
+                               if len(held_out.documents_of(f))}
+    assert languages_with_held_out == {"en", "de", "fr", "es", "fi", "ja", "zh"}
 
 
 def test_sources_read_files_directories_globs_jsonl_and_separators(tmp_path):
@@ -67,7 +90,7 @@ def test_bad_sources_get_clear_errors(tmp_path):
 
 def test_packed_rows_rebuild_every_document_with_whole_words():
     source = DocumentSource(["builtin:eval"])
-    iterator = iter(train_dataset(SMALL, source, seed=0, local_batch=4))
+    iterator = iter(train_dataset(SMALL, source, BYTES, seed=0, local_batch=4))
     # Pieces of one document are consecutive: concatenating them restores it, word for word.
     stream_tokens, stream_words = [], []
     for _ in range(40):
@@ -88,7 +111,7 @@ def test_packed_rows_rebuild_every_document_with_whole_words():
         data = tokens[begin + 1:end].astype(np.uint8).tobytes()
         assert data in {source[i] for i in range(len(source))}
     # Word boundaries in rows are exactly the splitter's.
-    doc = to_document(source[0], SMALL.max_word_bytes)
+    doc = ByteEncoding(SMALL.max_word_bytes).document(source[0])
     expected = [len(w) for w in split_words(source[0], SMALL.max_word_bytes)]
     assert list(doc.word_lengths[1:]) == expected
     assert lengths.sum() == len(tokens)
@@ -96,7 +119,7 @@ def test_packed_rows_rebuild_every_document_with_whole_words():
 
 def test_shuffling_is_deterministic_by_seed():
     source = DocumentSource(["builtin:eval"])
-    first = lambda seed: next(iter(train_dataset(SMALL, source, seed=seed, local_batch=2)))["tokens"]
+    first = lambda seed: next(iter(train_dataset(SMALL, source, BYTES, seed=seed, local_batch=2)))["tokens"]
     assert np.array_equal(first(1), first(1))
     assert not np.array_equal(first(1), first(2))
 
@@ -107,7 +130,7 @@ def test_processes_read_disjoint_slices_that_cover_an_epoch(tmp_path):
     source = DocumentSource([str(tmp_path / "docs.txt")], separator="\x1e")
     seen = []
     for process in range(2):
-        iterator = iter(train_dataset(SMALL, source, 0, 1, process_index=process, process_count=2))
+        iterator = iter(train_dataset(SMALL, source, BYTES, 0, 1, process_index=process, process_count=2))
         tokens = np.concatenate([next(iterator)["tokens"][0] for _ in range(12)])
         iterator.close()
         pieces = np.split(tokens, np.flatnonzero(tokens == BOS_ID))[1:21]  # the first epoch: 20 documents
@@ -118,7 +141,7 @@ def test_processes_read_disjoint_slices_that_cover_an_epoch(tmp_path):
 
 def test_restored_iterator_continues_with_exactly_the_next_batch():
     source = DocumentSource(["builtin:train"])
-    dataset = train_dataset(SMALL, source, seed=3, local_batch=4)
+    dataset = train_dataset(SMALL, source, BYTES, seed=3, local_batch=4)
     iterator = iter(dataset)
     for _ in range(7):
         next(iterator)
@@ -140,7 +163,7 @@ def test_scoring_rows_score_every_byte_exactly_once(tmp_path):
     source = DocumentSource([str(tmp_path / "long.txt"), str(tmp_path / "short.txt"), "builtin:eval"])
     scored = np.zeros(3, np.int64)
     targets = {0: bytearray(), 1: bytearray()}
-    for batch in scoring_batches(SMALL, source, batch_size=4):
+    for batch in scoring_batches(SMALL, source, BYTES, batch_size=4):
         at = batch["loss_mask"] > 0
         scored += np.bincount(batch["tags"][at], minlength=3)
         next_tokens = np.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
@@ -152,10 +175,10 @@ def test_scoring_rows_score_every_byte_exactly_once(tmp_path):
 
 
 def test_real_corpus_packs_in_every_script(corpus):
-    config = DataConfig(row_bytes=1024, row_words=256)
+    config = DataConfig(row_tokens=1024, row_words=256)
     files = sorted(str(p) for p in corpus.glob("*.txt"))
     source = DocumentSource(files, separator="\n\n")
-    iterator = iter(train_dataset(config, source, seed=0, local_batch=8))
+    iterator = iter(train_dataset(config, source, ByteEncoding(config.max_word_bytes).document, seed=0, local_batch=8))
     batch = next(iterator)
     iterator.close()
     assert (batch["segments"] > 0).mean() > 0.9

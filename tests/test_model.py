@@ -4,26 +4,28 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hiermodel.data.packing import RowBuilder, to_document
+from hiermodel.data.documents import ByteEncoding
+from hiermodel.data.packing import RowBuilder
 from hiermodel.models.layers import dense_attention, local_attention
 from hiermodel.models.registry import build
 from tests.conftest import micro_config
 
 CFG = micro_config()
-T, W = CFG.data.row_bytes, CFG.data.row_words
+T, W = CFG.data.row_tokens, CFG.data.row_words
 
 
 def row(*documents: bytes, context_words: int = 0):
     builder = RowBuilder(T, W)
     for data in documents:
-        doc = to_document(data, CFG.data.max_word_bytes)
-        builder.add(doc.tokens, doc.word_lengths)
+        doc = ByteEncoding(CFG.data.max_word_bytes).document(data)
+        builder.add(doc)
     return {k: v[None] for k, v in builder.finish().items()}
 
 
-@pytest.fixture(scope="module", params=["hat", "byte"])
+@pytest.fixture(scope="module", params=["hat", "byte", "subword"])
 def model(request):
-    return build(micro_config(**{"model.kind": request.param}).model, nnx.Rngs(0))
+    # Byte ids are valid subword ids too, so the same rows exercise every kind.
+    return build(micro_config(**{"model.kind": request.param, "model.vocab_size": 512}).model, nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")

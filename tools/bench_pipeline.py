@@ -9,8 +9,9 @@ import time
 import numpy as np
 
 from hiermodel import config as config_lib
+from hiermodel.data.documents import encoding
 from hiermodel.data.pipeline import train_dataset
-from hiermodel.data.sources import DocumentSource
+from hiermodel.data.sources import open_split
 
 
 def main(argv=None) -> None:
@@ -20,19 +21,20 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=200)
     args = p.parse_args(argv)
     config = config_lib.load(args.config, args.overrides)
-    source = DocumentSource(config.data.train, config.data.separator, config.data.jsonl_field)
-    iterator = iter(train_dataset(config.data, source, config.seed, config.train.batch_size))
+    source = open_split(config.data, "train")
+    iterator = iter(train_dataset(config.data, source, encoding(config).document, config.seed, config.train.batch_size))
     next(iterator)  # start the prefetch thread
-    text_bytes = slots = 0
+    text_bytes = slots = positions = 0
     started = time.perf_counter()
     for _ in range(args.batches):
         batch = next(iterator)
-        text_bytes += int((batch["segments"] > 0).sum())
-        slots += batch["segments"].size
+        text_bytes += int(batch["token_bytes"].sum())
+        slots += int((batch["segments"] > 0).sum())
+        positions += batch["segments"].size
     elapsed = time.perf_counter() - started
     iterator.close()
-    print(f"{args.batches} batches of {config.train.batch_size} x {config.data.row_bytes} bytes: "
-          f"{text_bytes / elapsed / 1e6:.2f} MB/s of text, row fill {text_bytes / slots:.1%}, "
+    print(f"{args.batches} batches of {config.train.batch_size} x {config.data.row_tokens} tokens: "
+          f"{text_bytes / elapsed / 1e6:.2f} MB/s of text, row fill {slots / positions:.1%}, "
           f"{np.mean(batch['word_segments'] > 0):.1%} of word slots used")
 
 

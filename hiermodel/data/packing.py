@@ -1,9 +1,10 @@
-"""Packing documents into fixed-shape rows of bytes and words.
+"""Packing documents into fixed-shape rows of tokens and words.
 
-A row holds `row_bytes` token positions and at most `row_words` words. Each piece of a
+A row holds `row_tokens` token positions (bytes, or subword ids) and at most `row_words` words. Each piece of a
 document placed in a row is a segment: attention never crosses segments, and no word is
 cut between rows. Arrays of a row:
   tokens_T        token ids (bytes, or BOS_ID)           0 where padding
+  token_bytes_T   raw bytes the token covers (BOS: 0)     0 where padding
   segments_T      segment id, 1-based                     0 where padding
   words_T         index of the token's word in the row    row_words where padding
   word_segments_W segment id of each word                 0 where padding
@@ -11,77 +12,47 @@ cut between rows. Arrays of a row:
   tags_T          caller's tag of the segment (eval: the file number), -1 where padding
 """
 
-import dataclasses
-import functools
-
 import numpy as np
 
-from hiermodel.text.words import BOS_ID, split_words
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    """A document as token ids and the length of each word; BOS is its first word."""
-
-    tokens: np.ndarray  # int32
-    word_lengths: np.ndarray  # int32
-
-    @property
-    def num_words(self) -> int:
-        return len(self.word_lengths)
-
-    @functools.cached_property
-    def word_starts(self) -> np.ndarray:
-        """Token offset of each word, and the total length last."""
-        return np.concatenate([[0], np.cumsum(self.word_lengths)])
-
-    def words(self, first: int, end: int) -> "Document":
-        """Words first..end-1 and their tokens."""
-        return Document(self.tokens[self.word_starts[first]:self.word_starts[end]], self.word_lengths[first:end])
-
-
-def to_document(data: bytes, max_word_bytes: int) -> Document:
-    words = split_words(data, max_word_bytes)
-    tokens = np.empty(len(data) + 1, np.int32)
-    tokens[0] = BOS_ID
-    tokens[1:] = np.frombuffer(data, np.uint8)
-    word_lengths = np.fromiter((len(w) for w in words), np.int32, len(words))
-    return Document(tokens, np.concatenate([[1], word_lengths]).astype(np.int32))
+from hiermodel.data.documents import Document
 
 
 class RowBuilder:
     """Fills one row at a time with segments of whole words."""
 
-    def __init__(self, row_bytes: int, row_words: int):
-        self.row_bytes, self.row_words = row_bytes, row_words
+    def __init__(self, row_tokens: int, row_words: int):
+        self.row_tokens, self.row_words = row_tokens, row_words
         self._reset()
 
     def _reset(self):
         self.used_bytes = self.used_words = self.num_segments = 0
         self.arrays = {
-            "tokens": np.zeros(self.row_bytes, np.int32),
-            "segments": np.zeros(self.row_bytes, np.int32),
-            "words": np.full(self.row_bytes, self.row_words, np.int32),
+            "tokens": np.zeros(self.row_tokens, np.int32),
+            "token_bytes": np.zeros(self.row_tokens, np.int32),
+            "segments": np.zeros(self.row_tokens, np.int32),
+            "words": np.full(self.row_tokens, self.row_words, np.int32),
             "word_segments": np.zeros(self.row_words, np.int32),
-            "loss_mask": np.zeros(self.row_bytes, np.float32),
-            "tags": np.full(self.row_bytes, -1, np.int32),
+            "loss_mask": np.zeros(self.row_tokens, np.float32),
+            "tags": np.full(self.row_tokens, -1, np.int32),
         }
 
     def words_that_fit(self, word_lengths: np.ndarray) -> int:
         """How many leading words of `word_lengths` fit in what is left of the row."""
         room = min(len(word_lengths), self.row_words - self.used_words)
         ends = np.cumsum(word_lengths[:room])
-        return int(np.searchsorted(ends, self.row_bytes - self.used_bytes, side="right"))
+        return int(np.searchsorted(ends, self.row_tokens - self.used_bytes, side="right"))
 
-    def add(self, tokens: np.ndarray, word_lengths: np.ndarray, context_words: int = 0, tag: int = 0):
+    def add(self, piece: Document, context_words: int = 0, tag: int = 0):
         """Append one segment; the first `context_words` words are context, not scored."""
+        tokens, word_lengths = piece.tokens, piece.word_lengths
         n, w = len(tokens), len(word_lengths)
         b0, w0 = self.used_bytes, self.used_words
-        assert n == int(word_lengths.sum()) and b0 + n <= self.row_bytes and w0 + w <= self.row_words
+        assert n == int(word_lengths.sum()) and b0 + n <= self.row_tokens and w0 + w <= self.row_words
         self.num_segments += 1
         a = self.arrays
         word_index = np.repeat(np.arange(w, dtype=np.int32), word_lengths)
         a["tokens"][b0:b0 + n] = tokens
+        a["token_bytes"][b0:b0 + n] = piece.token_bytes
         a["segments"][b0:b0 + n] = self.num_segments
         a["words"][b0:b0 + n] = w0 + word_index
         a["word_segments"][w0:w0 + w] = self.num_segments
@@ -100,7 +71,7 @@ class RowBuilder:
         return self.used_bytes == 0
 
 
-def chunk_for_scoring(document: Document, row_bytes: int, row_words: int) -> list[tuple[Document, int]]:
+def chunk_for_scoring(document: Document, row_tokens: int, row_words: int) -> list[tuple[Document, int]]:
     """Cut a document into row-sized segments; each later one repeats preceding words as context.
 
     Every token after BOS is a scored target of exactly one segment, and each segment after
@@ -108,12 +79,12 @@ def chunk_for_scoring(document: Document, row_bytes: int, row_words: int) -> lis
     """
     starts = document.word_starts
     pieces, first = [], 0
-    builder = RowBuilder(row_bytes, row_words)
+    builder = RowBuilder(row_tokens, row_words)
     while first < document.num_words:
         context = 0
         if first > 0:  # the longest run of preceding words within half a row
             while (context < first and context < row_words // 2
-                   and starts[first] - starts[first - context - 1] <= row_bytes // 2):
+                   and starts[first] - starts[first - context - 1] <= row_tokens // 2):
                 context += 1
         lo = first - context
         taken = builder.words_that_fit(document.word_lengths[lo:])

@@ -1,19 +1,20 @@
 """The grain input pipeline: documents -> shuffled per-process slice -> words -> packed rows -> batches."""
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grain
 import numpy as np
 
 from hiermodel.config import DataConfig
-from hiermodel.data.packing import Document, RowBuilder, chunk_for_scoring, to_document
+from hiermodel.data.documents import Document
+from hiermodel.data.packing import RowBuilder, chunk_for_scoring
 from hiermodel.data.sources import DocumentSource
 from hiermodel.errors import UserError
 
 
 def check_shapes(config: DataConfig) -> None:
-    if config.row_bytes < 2 * (config.max_word_bytes + 1):
-        raise UserError(f"data.row_bytes={config.row_bytes} must be at least 2 * (data.max_word_bytes + 1)")
+    if config.row_tokens < 2 * (config.max_word_bytes + 1):
+        raise UserError(f"data.row_tokens={config.row_tokens} must be at least 2 * (data.max_word_bytes + 1)")
     if config.row_words < 4:
         raise UserError(f"data.row_words={config.row_words} must be at least 4")
 
@@ -25,9 +26,9 @@ class _PackIterator(grain.DatasetIterator):
     document's words are already packed, so a restore rebuilds exactly the next row.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, row_bytes: int, row_words: int):
+    def __init__(self, parent: grain.DatasetIterator, row_tokens: int, row_words: int):
         super().__init__(parent)
-        self._builder = RowBuilder(row_bytes, row_words)
+        self._builder = RowBuilder(row_tokens, row_words)
         self._document: Document | None = None
         self._offset = 0  # words of the current document already packed
         self._parent_state = None  # the parent's state before the current document
@@ -53,7 +54,7 @@ class _PackIterator(grain.DatasetIterator):
             taken = builder.words_that_fit(doc.word_lengths[offset:])
             piece = doc.words(offset, offset + taken)
             if len(piece.tokens) >= 2:  # a lone token has no target
-                builder.add(piece.tokens, piece.word_lengths)
+                builder.add(piece)
                 self._offset = offset + taken
                 if self._offset == doc.num_words:
                     self._document = None
@@ -78,16 +79,16 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, row_bytes: int, row_words: int):
+    def __init__(self, parent: grain.IterDataset, row_tokens: int, row_words: int):
         super().__init__(parent)
-        self._row_bytes, self._row_words = row_bytes, row_words
+        self._row_tokens, self._row_words = row_tokens, row_words
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._row_bytes, self._row_words)
+        return _PackIterator(self._parent.__iter__(), self._row_tokens, self._row_words)
 
 
-def train_dataset(config: DataConfig, source: DocumentSource, seed: int, local_batch: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def train_dataset(config: DataConfig, source: DocumentSource, to_document: Callable[[bytes], Document], seed: int,
+                  local_batch: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Infinite batches of packed rows for one process; reshuffled every epoch."""
     check_shapes(config)
     ds = grain.MapDataset.source(source)
@@ -96,34 +97,34 @@ def train_dataset(config: DataConfig, source: DocumentSource, seed: int, local_b
     if len(source) < process_count:
         raise UserError(f"{len(source)} training documents cannot feed {process_count} processes")
     ds = ds[process_index::process_count].repeat(None)
-    ds = ds.map(lambda data: to_document(data, config.max_word_bytes))
-    ds = PackIterDataset(ds.to_iter_dataset(), config.row_bytes, config.row_words)
+    ds = ds.map(to_document)
+    ds = PackIterDataset(ds.to_iter_dataset(), config.row_tokens, config.row_words)
     ds = ds.batch(local_batch, drop_remainder=True)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)
 
 
-def scoring_batches(config: DataConfig, source: DocumentSource, batch_size: int,
-                    max_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Rows that score every byte of every document once, in order, in fixed-size batches.
+def scoring_batches(config: DataConfig, source: DocumentSource, to_document: Callable[[bytes], Document],
+                    batch_size: int, max_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Rows that score every token of every document once, in order, in fixed-size batches.
 
     Padding rows are all zero (nothing scored). `max_rows` > 0 stops after that many rows.
     """
     check_shapes(config)
-    builder = RowBuilder(config.row_bytes, config.row_words)
+    builder = RowBuilder(config.row_tokens, config.row_words)
     rows, emitted = [], 0
 
     def flush():
         nonlocal rows
         while len(rows) < batch_size:
-            rows.append(RowBuilder(config.row_bytes, config.row_words).finish())
+            rows.append(RowBuilder(config.row_tokens, config.row_words).finish())
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         rows = []
         return batch
 
     for file_number in range(len(source.paths)):
         for index in source.documents_of(file_number):
-            document = to_document(source[index], config.max_word_bytes)
-            for piece, context in chunk_for_scoring(document, config.row_bytes, config.row_words):
+            document = to_document(source[index])
+            for piece, context in chunk_for_scoring(document, config.row_tokens, config.row_words):
                 if builder.words_that_fit(piece.word_lengths) < piece.num_words:
                     rows.append(builder.finish())
                     emitted += 1
@@ -132,7 +133,7 @@ def scoring_batches(config: DataConfig, source: DocumentSource, batch_size: int,
                         return
                     if len(rows) == batch_size:
                         yield flush()
-                builder.add(piece.tokens, piece.word_lengths, context, tag=file_number)
+                builder.add(piece, context, tag=file_number)
     if not builder.empty:
         rows.append(builder.finish())
     if rows:

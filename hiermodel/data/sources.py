@@ -3,11 +3,14 @@
 import glob as globlib
 import json
 import os
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from grain.sources import ArrayRecordDataSource
 
+from hiermodel.config import DataConfig
 from hiermodel.data.builtin import builtin_documents
 from hiermodel.errors import UserError
 
@@ -60,30 +63,61 @@ def _jsonl_documents(path: str, field: str) -> list[bytes]:
     return documents
 
 
-def _text_documents(path: str, separator: str) -> list[bytes]:
+def chunk_at_lines(data: bytes, chunk_bytes: int) -> list[bytes]:
+    """Consecutive pieces of at most `chunk_bytes`, cut after a newline where one is in reach."""
+    pieces, start = [], 0
+    while len(data) - start > chunk_bytes:
+        cut = data.rfind(b"\n", start, start + chunk_bytes) + 1
+        cut = cut if cut > start else start + chunk_bytes
+        pieces.append(data[start:cut])
+        start = cut
+    pieces.append(data[start:])
+    return pieces
+
+
+def _text_documents(path: str, separator: str, chunk_bytes: int) -> list[bytes]:
     data = _read_bytes(path)
-    return data.split(separator.encode()) if separator else [data]
+    documents = data.split(separator.encode()) if separator else [data]
+    if chunk_bytes:
+        documents = [piece for document in documents for piece in chunk_at_lines(document, chunk_bytes)]
+    return documents
+
+
+def is_held_out(document: bytes, fraction: float) -> bool:
+    """A stable choice by content: the same text is held out wherever it appears."""
+    return zlib.crc32(document) % 10000 < fraction * 10000
 
 
 class DocumentSource:
-    """Random access over documents (bytes) from several files; grain reads it as a data source."""
+    """Random access over documents (bytes) from several files; grain reads it as a data source.
 
-    def __init__(self, specs: list[str], separator: str = "", jsonl_field: str = "text"):
+    Text files split at `separator` and then into pieces of at most `chunk_bytes` (0: whole);
+    `keep`, if given, filters the documents of text, JSONL and built-in files.
+    """
+
+    def __init__(self, specs: list[str], separator: str = "", jsonl_field: str = "text", chunk_bytes: int = 0,
+                 keep: Callable[[bytes], bool] | None = None):
         if not specs:
             raise UserError("no data given")
         self.paths: list[str] = []
         self._parts: list = []  # per file: a list of bytes, or an ArrayRecord source
         for spec in specs:
             for path in expand(spec):
+                part = self._open(path, separator, jsonl_field, chunk_bytes)
+                if keep is not None:
+                    if not isinstance(part, list):
+                        raise UserError(f"{path}: data.holdout cannot select from ArrayRecord shards; "
+                                        "write the held-out documents to their own shards")
+                    part = [d for d in part if keep(d)]
                 self.paths.append(path)
-                self._parts.append(self._open(path, separator, jsonl_field))
+                self._parts.append(part)
         sizes = [len(part) for part in self._parts]
         self._starts = np.cumsum([0] + sizes)
         if self._starts[-1] == 0:
             raise UserError(f"{', '.join(specs)}: no documents (every file is empty)")
 
     @staticmethod
-    def _open(path: str, separator: str, jsonl_field: str):
+    def _open(path: str, separator: str, jsonl_field: str, chunk_bytes: int):
         if path.startswith("builtin:"):
             try:
                 return [text for _, text in builtin_documents(path.split(":", 1)[1])]
@@ -97,7 +131,7 @@ class DocumentSource:
         if path.endswith(JSONL_SUFFIXES):
             documents = _jsonl_documents(path, jsonl_field)
         else:
-            documents = _text_documents(path, separator)
+            documents = _text_documents(path, separator, chunk_bytes)
         return [d for d in documents if d]
 
     def __len__(self) -> int:
@@ -114,3 +148,14 @@ class DocumentSource:
 
     def documents_of(self, file_number: int) -> range:
         return range(int(self._starts[file_number]), int(self._starts[file_number + 1]))
+
+
+def open_split(data: DataConfig, split: str, specs: list[str] | None = None) -> DocumentSource:
+    """The "train" or "eval" documents of a data config (of `specs` instead of its own if given);
+    with data.holdout > 0 the two splits share no document."""
+    specs = specs if specs is not None else (data.train if split == "train" else data.eval)
+    keep = None
+    if data.holdout > 0:
+        keep = (lambda d: not is_held_out(d, data.holdout)) if split == "train" else (
+            lambda d: is_held_out(d, data.holdout))
+    return DocumentSource(specs, data.separator, data.jsonl_field, data.chunk_bytes, keep)

@@ -1,7 +1,7 @@
-"""Sampling text from a trained model, one byte at a time, without caches (simple and exact).
+"""Sampling text from a trained model, one token at a time, without caches (simple and exact).
 
-Each new byte re-runs the model on the latest row of context; the row is rebuilt from
-whole words, so the splitter decides word boundaries exactly as in training.
+Each new token re-runs the model on the latest row of context; the row is rebuilt from
+whole words of the text so far, so words and subword ids come out exactly as in training.
 """
 
 import jax
@@ -9,24 +9,25 @@ import numpy as np
 from flax import nnx
 
 from hiermodel.config import DataConfig
-from hiermodel.data.packing import RowBuilder, to_document
+from hiermodel.data.packing import RowBuilder
 from hiermodel.train.step import cast
 
 
-def context_row(data: bytes, config: DataConfig) -> tuple[dict, int]:
+def context_row(data: bytes, encoder, config: DataConfig) -> tuple[dict, int]:
     """A one-row batch holding the longest tail of whole words of BOS + data; and the last position."""
-    document = to_document(data, config.max_word_bytes)
-    builder = RowBuilder(config.row_bytes, config.row_words)
+    document = encoder.document(data)
+    builder = RowBuilder(config.row_tokens, config.row_words)
     # Keep the most recent words that fit, dropping from the front.
     keep = builder.words_that_fit(document.word_lengths[::-1])
     tail = document.words(document.num_words - keep, document.num_words)
-    builder.add(tail.tokens, tail.word_lengths)
+    builder.add(tail)
     return {k: v[None] for k, v in builder.finish().items()}, len(tail.tokens) - 1
 
 
-def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
-    """A byte (0-255) from next-token logits; temperature 0 is greedy."""
-    logits = logits[:256].astype(np.float64)
+def sample(logits: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, temperature: float,
+           top_p: float) -> int:
+    """A token id among the `allowed` ones from next-token logits; temperature 0 is greedy."""
+    logits = np.where(allowed, logits.astype(np.float64), -np.inf)
     if temperature <= 0:
         return int(np.argmax(logits))
     probs = np.exp((logits - logits.max()) / temperature)
@@ -38,20 +39,22 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top
         kept = np.zeros_like(probs)
         kept[order[:cut]] = probs[order[:cut]]
         probs = kept / kept.sum()
-    return int(rng.choice(256, p=probs))
+    return int(rng.choice(len(probs), p=probs))
 
 
-def generate(graphdef, params, prompt: bytes, max_bytes: int, data: DataConfig, compute_dtype: str,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, on_byte=None) -> bytes:
-    """The continuation of `prompt`; `on_byte(byte)` is called as each byte is chosen."""
+def generate(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig, compute_dtype: str,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, on_bytes=None) -> bytes:
+    """At most `max_bytes` bytes continuing `prompt`; `on_bytes(piece)` is called as each token is chosen."""
     forward = jax.jit(lambda p, batch: nnx.merge(graphdef, cast(p, compute_dtype))(batch))
+    allowed = encoder.token_bytes > 0  # text tokens only, no BOS
     rng = np.random.default_rng(seed)
     text = bytearray(prompt)
-    for _ in range(max_bytes):
-        batch, last = context_row(bytes(text), data)
+    while len(text) - len(prompt) < max_bytes:
+        batch, last = context_row(bytes(text), encoder, data)
         logits = np.asarray(forward(params, batch)[0, last])
-        byte = sample(logits, rng, temperature, top_p)
-        text.append(byte)
-        if on_byte is not None:
-            on_byte(byte)
+        piece = encoder.id_bytes[sample(logits, allowed[:len(logits)], rng, temperature, top_p)]
+        piece = piece[:max_bytes - (len(text) - len(prompt))]
+        text += piece
+        if on_bytes is not None:
+            on_bytes(piece)
     return bytes(text[len(prompt):])

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
-from hiermodel.models.layers import Block, RMSNorm, block_matmul_params, param, rope, run_blocks
+from hiermodel.models.layers import Block, RMSNorm, block_flops, param, rope, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
 
@@ -115,22 +115,17 @@ class HAT(nnx.Module):
         return (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
 
 
-def train_flops(cfg: ModelConfig, num_bytes: float, num_words: float, row_bytes: int, row_words: int) -> float:
-    """Estimated training FLOPs (3x forward) for a batch with these many real bytes and words.
-
-    Matmuls count 2 FLOPs per parameter per token; attention counts QK^T and PV over the
-    mean causal context (half the window or row).
-    """
-    byte_block = block_matmul_params(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim)
-    per_byte = ((cfg.encoder_layers + cfg.decoder_layers) * byte_block
-                + cfg.decoder_layers * cfg.backbone_dim * cfg.byte_dim  # conditioning projections
-                + 2 * cfg.byte_dim * cfg.byte_dim  # pooling keys and values
-                + cfg.byte_dim * VOCAB_SIZE)  # head
-    word_block = block_matmul_params(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
-                                      cfg.backbone_mlp_dim)
-    per_word = cfg.backbone_layers * word_block + cfg.byte_dim * cfg.backbone_dim
-    byte_context = min(cfg.byte_window or row_bytes, row_bytes) / 2
-    byte_attention = 4 * byte_context * cfg.byte_dim * (cfg.encoder_layers + cfg.decoder_layers)
-    word_attention = 4 * (row_words / 2) * cfg.backbone_dim * cfg.backbone_layers
-    forward = num_bytes * (2 * per_byte + byte_attention) + num_words * (2 * per_word + word_attention)
-    return 3 * forward
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int) -> int:
+    """Matmul FLOPs of the forward over one row, as computed (masked attention pairs included)."""
+    byte_block = block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
+                             cfg.byte_window)
+    pool_width = cfg.pool_heads * (cfg.byte_dim // cfg.pool_heads)
+    pooling = (2 * 2 * row_tokens * cfg.byte_dim * pool_width  # keys and values
+               + 2 * row_tokens * pool_width  # scores
+               + 2 * row_words * pool_width * cfg.backbone_dim)  # output
+    backbone = cfg.backbone_layers * block_flops(row_words, cfg.backbone_dim, cfg.backbone_heads,
+                                                 cfg.backbone_kv_heads, cfg.backbone_mlp_dim)
+    conditioning = 2 * row_tokens * cfg.backbone_dim * cfg.byte_dim
+    head = 2 * row_tokens * cfg.byte_dim * VOCAB_SIZE
+    return (cfg.encoder_layers * byte_block + pooling + backbone
+            + cfg.decoder_layers * (conditioning + byte_block) + head)

@@ -97,6 +97,19 @@ def dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: 
     return _softmax_attend(logits, mask, v_BxTxKxDh, "bkgts,bskd->btkgd")
 
 
+def uses_local_attention(length: int, window: int) -> bool:
+    return bool(window) and length > window + LOCAL_BLOCK
+
+
+def attention_score_pairs(length: int, window: int) -> int:
+    """Query-key pairs the attention of one row of `length` computes, masked ones included."""
+    if not uses_local_attention(length, window):
+        return length * length
+    blocks = -(-length // LOCAL_BLOCK)
+    keys = (-(-(window - 1) // LOCAL_BLOCK) + 1) * LOCAL_BLOCK
+    return blocks * LOCAL_BLOCK * keys
+
+
 class Attention(nnx.Module):
     """Grouped-query causal self-attention with RoPE, within segments, optionally windowed."""
 
@@ -117,9 +130,8 @@ class Attention(nnx.Module):
         b, t, h, dh = q_BxTxHxDh.shape
         kv = k_BxTxKxDh.shape[2]
         q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, kv, h // kv, dh)
-        block = LOCAL_BLOCK
-        if window and t > window + block:
-            out = local_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, block)
+        if uses_local_attention(t, window):
+            out = local_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, LOCAL_BLOCK)
         else:
             out = dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh), self.wo[...])
@@ -163,7 +175,9 @@ def run_blocks(blocks, x_BxTxD, *args, remat: bool):
     return x_BxTxD
 
 
-def block_matmul_params(dim: int, heads: int, kv_heads: int, mlp_dim: int) -> int:
-    """Weights a token multiplies through in one Block (2 FLOPs each, forward)."""
+def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, window: int = 0) -> int:
+    """Matmul FLOPs of one Block's forward over one row of `length` positions, as computed."""
     head_dim = dim // heads
-    return 2 * dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 3 * dim * mlp_dim
+    weights = 2 * dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 3 * dim * mlp_dim
+    scores_and_values = 2 * 2 * heads * head_dim * attention_score_pairs(length, window)
+    return 2 * weights * length + scores_and_values

@@ -1,22 +1,28 @@
 """The one interface every model kind offers the trainer and evaluator.
 
 A kind is a module class built as cls(config, rngs) whose __call__(batch) returns next-token
-logits [B, T, V] (position t predicts token t+1), and a function estimating training FLOPs
-of a batch from its real bytes and words.
+logits [B, T, V] (position t predicts token t+1), and the matmul FLOPs of its forward over one
+row of the configured shape (embedding lookups and elementwise work are not counted).
 """
 
 from flax import nnx
 
 from hiermodel.config import ModelConfig
 from hiermodel.errors import UserError
-from hiermodel.models import byte, hat
+from hiermodel.models import byte, hat, subword
 
-KINDS = {"hat": (hat.HAT, hat.train_flops), "byte": (byte.ByteLM, byte.train_flops)}
+KINDS = {
+    "hat": (hat.HAT, hat.forward_flops),
+    "byte": (byte.ByteLM, byte.forward_flops),
+    "subword": (subword.SubwordLM, subword.forward_flops),
+}
 
 
 def check_kind(config: ModelConfig) -> None:
     if config.kind not in KINDS:
         raise UserError(f"model.kind={config.kind!r} is not one of {', '.join(KINDS)}")
+    if config.kind == "subword" and config.vocab_size < 258:
+        raise UserError(f"model.vocab_size={config.vocab_size}: model.kind=subword needs the tokenizer's size")
 
 
 def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -24,5 +30,11 @@ def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return KINDS[config.kind][0](config, rngs)
 
 
-def train_flops(config: ModelConfig, num_bytes: float, num_words: float, row_bytes: int, row_words: int) -> float:
-    return KINDS[config.kind][1](config, num_bytes, num_words, row_bytes, row_words)
+def forward_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
+    """Matmul FLOPs of one row's forward pass (inference)."""
+    return KINDS[config.kind][1](config, row_tokens, row_words)
+
+
+def train_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
+    """Matmul FLOPs of one row's training step: the backward pass costs two forwards, remat a third."""
+    return (4 if config.remat else 3) * forward_flops(config, row_tokens, row_words)

@@ -12,9 +12,10 @@ import yaml
 
 from hiermodel.config import Config, to_dict
 from hiermodel.data.pipeline import train_dataset
-from hiermodel.data.sources import DocumentSource
+from hiermodel.data.sources import open_split
 from hiermodel.errors import UserError
 from hiermodel.eval.score import make_score_fn, score_source
+from hiermodel.data.documents import TOKENIZER_FILE, encoding
 from hiermodel.models.registry import check_kind, train_flops
 from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import Checkpointer, open_run
@@ -94,10 +95,11 @@ def train(config: Config, devices=None) -> dict:
     run_dir = Path(config.run_dir)
     writer = MetricsWriter(run_dir, config.train.steps)
     data = config.data
-    source = DocumentSource(data.train, data.separator, data.jsonl_field)
-    eval_source = DocumentSource(data.eval, data.separator, data.jsonl_field) if data.eval else None
+    source = open_split(data, "train")
+    eval_source = open_split(data, "eval") if data.eval else None
     local_batch = config.train.batch_size // jax.process_count()
-    data_iterator = iter(train_dataset(data, source, config.seed, local_batch,
+    encoder = encoding(config)
+    data_iterator = iter(train_dataset(data, source, encoder.document, config.seed, local_batch,
                                        jax.process_index(), jax.process_count()))
     tx = optimizer(config.train)
     lr_at = schedule(config.train)
@@ -122,6 +124,8 @@ def train(config: Config, devices=None) -> dict:
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            if config.model.kind == "subword" and not (run_dir / TOKENIZER_FILE).exists():
+                encoder.tokenizer.save(run_dir / TOKENIZER_FILE)
         writer.info(f"{state_lib.num_params(config):,} parameters; mesh {dict(mesh.shape)}; "
                     f"{jax.device_count()} {jax.devices()[0].platform} devices")
 
@@ -130,7 +134,7 @@ def train(config: Config, devices=None) -> dict:
                           out_shardings=(layout.shardings, None), donate_argnums=0)
         score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
         try:
-            return _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpointer,
+            return _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer,
                          writer, lr_at, peak, mesh)
         finally:
             checkpointer.wait()
@@ -139,20 +143,23 @@ def train(config: Config, devices=None) -> dict:
             writer.close()
 
 
-def _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpointer, writer, lr_at, peak, mesh):
+def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer, writer, lr_at, peak,
+          mesh):
     t = config.train
+    step_flops = t.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
     start = int(state["step"])
     stop = _StopRequest()
-    pending, last_logged, window_bytes, window_words = [], {}, 0, 0
+    pending, last_logged, window_bytes, window_words, window_steps = [], {}, 0, 0, 0
     last_saved = start
     window_start = time.monotonic()
     try:
         for step in range(start, t.steps):
             local = next(data_iterator)
-            window_bytes += int((local["segments"] > 0).sum()) * jax.process_count()
+            window_bytes += int(local["token_bytes"].sum()) * jax.process_count()
             window_words += int((local["word_segments"] > 0).sum()) * jax.process_count()
             state, metrics = step_fn(state, to_global(local, mesh))
             pending.append((step + 1, metrics))
+            window_steps += 1
             done = step + 1
             final = done == t.steps or stop.signal is not None
             save = done % t.checkpoint_every == 0 or final
@@ -168,26 +175,27 @@ def _loop(config, state, step_fn, score_fn, data_iterator, eval_source, checkpoi
                         raise TrainingDiverged(f"{bad[0]} is {float(m[bad[0]])} at step {s}; "
                                                f"stopped without saving; {kept}")
                 elapsed = time.monotonic() - window_start
-                flops = train_flops(config.model, window_bytes, window_words,
-                                    config.data.row_bytes, config.data.row_words)
+                flops = step_flops * window_steps
                 # Loss over every target since the last log, not just the last batch's.
+                nats = sum(float(m["nats"]) for _, m in fetched)
                 targets = sum(float(m["targets"]) for _, m in fetched)
-                loss = sum(float(m["loss"]) * float(m["targets"]) for _, m in fetched) / max(targets, 1.0)
+                target_bytes = sum(float(m["target_bytes"]) for _, m in fetched)
                 m = fetched[-1][1]
                 last_logged = {
-                    "loss": loss, "bpb": loss / math.log(2), "grad_norm": float(m["grad_norm"]),
+                    "loss": nats / max(targets, 1.0), "bpb": nats / math.log(2) / max(target_bytes, 1.0),
+                    "grad_norm": float(m["grad_norm"]),
                     "param_norm": float(m["param_norm"]),
                     "lr": float(lr_at(done - 1)), "bytes_per_s": window_bytes / elapsed,
                     "words_per_s": window_words / elapsed, "flops_per_byte": flops / max(window_bytes, 1),
-                    "mfu": flops / elapsed / peak,
+                    "mfu": flops / elapsed / peak, "train_flops": float(step_flops * done),
                 }
                 writer.write(done, last_logged)
                 writer.progress(done, last_logged)
-                window_bytes = window_words = 0
+                window_bytes = window_words = window_steps = 0
                 window_start = time.monotonic()
             if eval_source is not None and (done % t.eval_every == 0 or done == t.steps):
-                result = score_source(score_fn, state["params"], eval_source, config.data, t.batch_size, mesh,
-                                      max_rows=t.eval_rows)
+                result = score_source(score_fn, state["params"], eval_source, encoder.document, config.data,
+                                      t.batch_size, mesh, max_rows=t.eval_rows)
                 writer.write(done, {"bpb": result["bpb"], "bytes": result["bytes"]}, prefix="eval")
                 writer.info(f"eval step {done}: bpb {result['bpb']:.4f} on {result['bytes']:,} bytes")
                 window_start = time.monotonic()

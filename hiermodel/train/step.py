@@ -1,6 +1,5 @@
 """The loss and the train step: one jax.jit with explicit shardings and a donated state."""
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -9,9 +8,6 @@ import optax
 from flax import nnx
 
 from hiermodel.config import TrainConfig
-
-LN2 = math.log(2.0)
-
 
 def schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warmup, then cosine decay, or warmup-stable-decay (WSD) with a linear tail."""
@@ -45,6 +41,11 @@ def token_nats(logits_BxTxV, batch) -> jax.Array:
     return nats_BxT * batch["loss_mask"]
 
 
+def target_bytes(batch) -> jax.Array:
+    """Raw bytes of each position's scored target (token t+1), zero where not scored; [B, T]."""
+    return jnp.pad(batch["token_bytes"][:, 1:], ((0, 0), (0, 1))) * batch["loss_mask"]
+
+
 def cast(params, dtype: str):
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
@@ -60,15 +61,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
         targets = batch["loss_mask"].sum()
         accum = config.grad_accum
-        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        if accum == 1:
+            nats, grads = jax.value_and_grad(loss_sum)(state["params"], batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
-        def accumulate(carry, microbatch):
-            nats, grads = carry
-            mb_nats, mb_grads = jax.value_and_grad(loss_sum)(state["params"], microbatch)
-            return (nats + mb_nats, jax.tree.map(jnp.add, grads, mb_grads)), None
+            def accumulate(carry, microbatch):
+                nats, grads = carry
+                mb_nats, mb_grads = jax.value_and_grad(loss_sum)(state["params"], microbatch)
+                return (nats + mb_nats, jax.tree.map(jnp.add, grads, mb_grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (nats, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            (nats, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
         denominator = jnp.maximum(targets, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -76,7 +80,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
         loss = nats / denominator
         metrics = {
             "loss": loss,
-            "bpb": loss / LN2,
+            "nats": nats,
+            "target_bytes": target_bytes(batch).sum(),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "targets": targets,

@@ -1,0 +1,92 @@
+"""Documents as tokens grouped into words: raw bytes for `hat` and `byte`, BPE ids for `subword`."""
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from hiermodel.config import Config
+from hiermodel.errors import UserError
+from hiermodel.text.subword import Subword
+from hiermodel.text.words import BOS_ID, VOCAB_SIZE, split_words
+
+TOKENIZER_FILE = "tokenizer.json"  # where a subword run keeps its tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """Token ids, the raw bytes each covers, and the tokens in each word; BOS is its first word."""
+
+    tokens: np.ndarray  # int32
+    token_bytes: np.ndarray  # int32
+    word_lengths: np.ndarray  # int32
+
+    @property
+    def num_words(self) -> int:
+        return len(self.word_lengths)
+
+    @functools.cached_property
+    def word_starts(self) -> np.ndarray:
+        """Token offset of each word, and the total length last."""
+        return np.concatenate([[0], np.cumsum(self.word_lengths)])
+
+    def words(self, first: int, end: int) -> "Document":
+        """Words first..end-1 and their tokens."""
+        span = slice(self.word_starts[first], self.word_starts[end])
+        return Document(self.tokens[span], self.token_bytes[span], self.word_lengths[first:end])
+
+
+def _lengths_after_bos(pieces: list) -> np.ndarray:
+    return np.concatenate([[1], np.fromiter((len(p) for p in pieces), np.int32, len(pieces))]).astype(np.int32)
+
+
+class ByteEncoding:
+    """Each byte is a token (the `hat` and `byte` kinds)."""
+
+    vocab_size = VOCAB_SIZE
+    bos_id = BOS_ID
+    id_bytes = [bytes([i]) for i in range(256)] + [b""] * (VOCAB_SIZE - 256)
+    token_bytes = np.array([len(b) for b in id_bytes], np.int32)
+
+    def __init__(self, max_word_bytes: int):
+        self.max_word_bytes = max_word_bytes
+
+    def document(self, data: bytes) -> Document:
+        tokens = np.concatenate([[BOS_ID], np.frombuffer(data, np.uint8)]).astype(np.int32)
+        token_bytes = np.ones(len(tokens), np.int32)
+        token_bytes[0] = 0
+        return Document(tokens, token_bytes, _lengths_after_bos(split_words(data, self.max_word_bytes)))
+
+
+class SubwordEncoding:
+    """Each word is the BPE ids of its bytes (the `subword` kind)."""
+
+    def __init__(self, tokenizer: Subword, max_word_bytes: int):
+        self.tokenizer, self.max_word_bytes = tokenizer, max_word_bytes
+        self.vocab_size, self.bos_id = tokenizer.vocab_size, tokenizer.bos_id
+        self.id_bytes, self.token_bytes = tokenizer.id_bytes, tokenizer.token_bytes
+
+    def document(self, data: bytes) -> Document:
+        pieces = self.tokenizer.encode_words(split_words(data, self.max_word_bytes))
+        tokens = np.concatenate([[self.bos_id], *pieces]).astype(np.int32)
+        return Document(tokens, self.token_bytes[tokens], _lengths_after_bos(pieces))
+
+
+def tokenizer_path(config: Config) -> Path:
+    """The run's own copy of its tokenizer once it has one, else `model.tokenizer`."""
+    saved = Path(config.run_dir) / TOKENIZER_FILE
+    return saved if saved.exists() else Path(config.model.tokenizer)
+
+
+def encoding(config: Config) -> ByteEncoding | SubwordEncoding:
+    if config.model.kind != "subword":
+        return ByteEncoding(config.data.max_word_bytes)
+    if not config.model.tokenizer:
+        raise UserError("model.kind=subword needs model.tokenizer: a file made by tools/train_tokenizer.py")
+    path = tokenizer_path(config)
+    tokenizer = Subword.load(path)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                        f"{config.model.vocab_size}")
+    return SubwordEncoding(tokenizer, config.data.max_word_bytes)
