@@ -36,9 +36,11 @@ def _load_run(run_dir: str):
 
 def cmd_train(args) -> int:
     from hiermodel import config as config_lib
+    from hiermodel.train.distributed import initialize
     from hiermodel.train.loop import TrainingDiverged, train
 
     config = config_lib.load(args.config, args.overrides)
+    initialize(config.distributed)
     try:
         train(config)
     except TrainingDiverged as e:

@@ -45,6 +45,7 @@ class DataConfig:
     row_tokens: int = 1024  # positions per row: bytes, or subword tokens
     row_words: int = 256
     shuffle: bool = True
+    shards: int = 0  # independent packing streams, split over processes; 0: one per process
 
 
 @dataclasses.dataclass
@@ -77,11 +78,22 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Multi-process jobs. TPU pods and SLURM allocations are detected; elsewhere name the
+    coordinator (host:port) and give every process the count and its own id."""
+
+    coordinator: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     run_dir: str = "runs/default"
     init_from: str = ""  # a run directory whose weights (only) start this run
     seed: int = 0

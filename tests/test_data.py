@@ -124,6 +124,36 @@ def test_shuffling_is_deterministic_by_seed():
     assert not np.array_equal(first(1), first(2))
 
 
+def test_the_global_batch_depends_on_data_shards_not_on_processes():
+    config = DataConfig(row_tokens=256, row_words=64, max_word_bytes=32, shards=4)
+    source = DocumentSource(["builtin:eval"])
+
+    def global_batches(processes: int, steps: int = 3, restore_after: int | None = None):
+        iterators = [iter(train_dataset(config, source, BYTES, 0, 8 // processes, p, processes))
+                     for p in range(processes)]
+        batches = []
+        for step in range(steps):
+            if step == restore_after:  # each process restores its own state into a fresh iterator
+                states = [it.get_state() for it in iterators]
+                for it in iterators:
+                    it.close()
+                iterators = [iter(train_dataset(config, source, BYTES, 0, 8 // processes, p, processes))
+                             for p in range(processes)]
+                for it, state in zip(iterators, states):
+                    it.set_state(state)
+            batches.append(np.concatenate([next(it)["tokens"] for it in iterators]))
+        for it in iterators:
+            it.close()
+        return batches
+
+    one = global_batches(1)
+    for processes, restore in [(2, None), (4, None), (2, 1)]:
+        for a, b in zip(one, global_batches(processes, restore_after=restore)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="data.shards=4 does not split evenly over 3 processes"):
+        train_dataset(config, source, BYTES, 0, 2, 0, 3)
+
+
 def test_processes_read_disjoint_slices_that_cover_an_epoch(tmp_path):
     docs = [f"document {i} says {'la ' * (i % 7)}".encode() for i in range(40)]
     (tmp_path / "docs.txt").write_bytes(b"\x1e".join(docs))

@@ -87,20 +87,42 @@ class PackIterDataset(grain.IterDataset):
         return _PackIterator(self._parent.__iter__(), self._row_tokens, self._row_words)
 
 
+def shards_of_process(config: DataConfig, process_index: int, process_count: int) -> tuple[range, int]:
+    """(this process's data shards, the number of shards): every shard packs its own slice of the
+    documents into its own rows, so the global batch depends on data.shards, not on how many
+    processes read them."""
+    shards = config.shards or process_count
+    if shards % process_count:
+        raise UserError(f"data.shards={shards} does not split evenly over {process_count} processes")
+    mine = shards // process_count
+    return range(process_index * mine, (process_index + 1) * mine), shards
+
+
 def train_dataset(config: DataConfig, source: DocumentSource, to_document: Callable[[bytes], Document], seed: int,
                   local_batch: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Infinite batches of packed rows for one process; reshuffled every epoch."""
+    """Infinite batches of packed rows for one process (its shards' rows, in shard order);
+    reshuffled every epoch."""
     check_shapes(config)
+    mine, shards = shards_of_process(config, process_index, process_count)
+    if local_batch % len(mine):
+        raise UserError(f"{local_batch} rows per process do not split over its {len(mine)} data shards")
+    if len(source) < shards:
+        raise UserError(f"{len(source)} training documents cannot feed {shards} data shards")
     ds = grain.MapDataset.source(source)
     if config.shuffle:
         ds = ds.shuffle(seed=seed)
-    if len(source) < process_count:
-        raise UserError(f"{len(source)} training documents cannot feed {process_count} processes")
-    ds = ds[process_index::process_count].repeat(None)
-    ds = ds.map(to_document)
-    ds = PackIterDataset(ds.to_iter_dataset(), config.row_tokens, config.row_words)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)
+
+    def shard(index: int) -> grain.IterDataset:
+        rows = ds[index::shards].repeat(None).map(to_document).to_iter_dataset()
+        return PackIterDataset(rows, config.row_tokens, config.row_words).batch(local_batch // len(mine),
+                                                                                 drop_remainder=True)
+
+    if len(mine) == 1:
+        batches = shard(mine[0])
+    else:
+        batches = grain.experimental.ZipIterDataset([shard(i) for i in mine]).map(
+            lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
 
 
 def scoring_batches(config: DataConfig, source: DocumentSource, to_document: Callable[[bytes], Document],

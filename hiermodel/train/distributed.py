@@ -1,0 +1,32 @@
+"""Joining a multi-process job before JAX touches a device."""
+
+import os
+
+import jax
+
+from hiermodel.config import DistributedConfig
+from hiermodel.errors import UserError
+
+
+def _cluster_detected() -> bool:
+    """A SLURM allocation with several tasks, or a TPU slice with several workers: JAX reads the
+    coordinator, process count and id from the environment itself."""
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize(config: DistributedConfig) -> None:
+    if jax.distributed.is_initialized():
+        return
+    if config.coordinator:
+        if not 0 <= config.process_id < config.num_processes:
+            raise UserError(f"distributed.process_id={config.process_id} is not in "
+                            f"[0, distributed.num_processes={config.num_processes})")
+        arguments = {"coordinator_address": config.coordinator, "num_processes": config.num_processes,
+                     "process_id": config.process_id}
+    elif _cluster_detected():
+        arguments = {}
+    else:
+        return
+    # CPU processes (tests, debugging) need a collectives backend; accelerators ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**arguments)
