@@ -30,7 +30,9 @@ class ModelConfig:
     vocab_size: int = 0  # subword: the tokenizer's size (BOS and the 256 bytes included)
     tokenizer: str = ""  # subword: a file made by tools/train_tokenizer.py
     compute_dtype: str = "float32"  # or bfloat16; parameters always stay float32
-    remat: bool = False
+    remat: str = "none"  # recompute block activations in the backward pass: none, full or save_dots
+    scan_layers: bool = False  # run each stack of layers as one lax.scan (fast compiles at depth)
+    attention: str = "auto"  # xla, or cudnn (fused, GPU, bfloat16); auto: cudnn where it applies
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "jax"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (for compile-only TPU topologies) must not probe for chips
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

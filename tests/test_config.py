@@ -12,10 +12,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_overrides_reach_typed_fields():
     config = config_lib.load(CONFIGS / "tiny.yaml", [
         "run_dir=/tmp/x", "train.steps=7", "data.train=a.txt,b/", "data.eval=c.jsonl",
-        "train.learning_rate=1e-4", "model.remat=true"])
+        "train.learning_rate=1e-4", "model.remat=full"])
     assert config.run_dir == "/tmp/x" and config.train.steps == 7
     assert config.data.train == ["a.txt", "b/"] and config.data.eval == ["c.jsonl"]
-    assert config.train.learning_rate == 1e-4 and config.model.remat is True
+    assert config.train.learning_rate == 1e-4 and config.model.remat == "full"
 
 
 def test_bad_keys_and_values_are_named(tmp_path):

@@ -1,7 +1,6 @@
 """The analytic FLOP count of each model kind against XLA's cost analysis of the compiled programs."""
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from hiermodel.models import registry
@@ -10,6 +9,7 @@ from hiermodel.train.sharding import make_mesh
 from hiermodel.train.step import make_train_step, optimizer
 from hiermodel.config import MeshConfig
 from hiermodel.eval.score import make_score_fn
+from hiermodel.train.aot import batch_shapes
 from tests.conftest import micro_config
 
 # Micro's depth and lengths (quick to compile) at widths where, as in real models, matmuls dominate.
@@ -20,16 +20,9 @@ CASES = {
     "hat dense": {"model.kind": "hat", "model.byte_window": 0},
     "byte local": {"model.kind": "byte"},
     "subword": {"model.kind": "subword", "model.vocab_size": 1024},
+    "hat remat full": {"model.kind": "hat", "model.remat": "full"},
+    "byte remat save_dots": {"model.kind": "byte", "model.remat": "save_dots"},
 }
-
-
-def batch_shapes(config, rows):
-    t, w = config.data.row_tokens, config.data.row_words
-    spec = {"tokens": (rows, t), "token_bytes": (rows, t), "segments": (rows, t), "words": (rows, t),
-            "word_segments": (rows, w), "tags": (rows, t)}
-    shapes = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in spec.items()}
-    shapes["loss_mask"] = jax.ShapeDtypeStruct((rows, t), jnp.float32)
-    return shapes
 
 
 def xla_flops(config, rows: int = 4) -> tuple[float, float]:

@@ -6,7 +6,7 @@ from flax import nnx
 
 from hiermodel.data.documents import ByteEncoding
 from hiermodel.data.packing import RowBuilder
-from hiermodel.models.layers import dense_attention, local_attention
+from hiermodel.models.layers import dense_attention, fused_attention, local_attention
 from hiermodel.models.registry import build
 from tests.conftest import micro_config
 
@@ -68,6 +68,21 @@ def test_blocked_sliding_window_attention_equals_dense(window, block):
     segments = jnp.concatenate([jnp.full((b, 100), 1), jnp.full((b, 150), 2), jnp.zeros((b, 50), int)], 1)
     np.testing.assert_allclose(local_attention(q, k, v, segments, window, block),
                                dense_attention(q, k, v, segments, window), atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 37, 100])
+def test_the_fused_attention_call_masks_like_ours(window):
+    """The cuDNN path's masking (causal, within segments, windowed), checked through the same call
+    with jax's XLA implementation: both kernels follow its documented semantics."""
+    keys = jax.random.split(jax.random.PRNGKey(window), 3)
+    b, t, kv, g, d = 2, 300, 2, 2, 8
+    q = jax.random.normal(keys[0], (b, t, kv, g, d))
+    k = jax.random.normal(keys[1], (b, t, kv, d))
+    v = jax.random.normal(keys[2], (b, t, kv, d))
+    segments = jnp.concatenate([jnp.full((b, 100), 1), jnp.full((b, 150), 2), jnp.zeros((b, 50), int)], 1)
+    fused = fused_attention(q.reshape(b, t, kv * g, d), k, v, segments, window, "xla")
+    np.testing.assert_allclose(fused, dense_attention(q, k, v, segments, window).reshape(b, t, kv * g, d),
+                               atol=1e-5)
 
 
 def test_logits_are_finite_with_padding_and_bf16(model):

@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 
 from hiermodel.config import MeshConfig
 from hiermodel.train import state as state_lib
@@ -75,10 +76,12 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     np.testing.assert_allclose(accumulated, whole, rtol=2e-5)
 
 
-def test_rematerialisation_changes_no_loss(tmp_path):
-    _, plain = run(tmp_path, "plain", "1", **{"train.steps": 2})
-    _, remat = run(tmp_path, "remat", "1", **{"train.steps": 2, "model.remat": True})
-    np.testing.assert_allclose(remat, plain, rtol=1e-5)
+@pytest.mark.parametrize("options", [{"model.remat": "full"},
+                                     {"model.remat": "save_dots", "model.scan_layers": True}])
+def test_rematerialisation_and_scanned_layers_change_no_loss(tmp_path, options):
+    _, plain = run(tmp_path, "plain", "1", **{"train.steps": 3})
+    _, changed = run(tmp_path, "changed", "1", **{"train.steps": 3, **options})
+    np.testing.assert_allclose(changed, plain, rtol=1e-5)
 
 
 def test_the_byte_baseline_trains_in_the_same_trainer(tmp_path):

@@ -21,7 +21,7 @@ class TransformerLM(nnx.Module):
         self.embed = param(rngs, (vocab_size, cfg.backbone_dim), ("vocab", "embed"), fan_in=1)
         self.blocks = nnx.List([
             Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
-                  cfg.rope_theta, cfg.norm_eps, rngs) for _ in range(cfg.backbone_layers)])
+                  cfg.rope_theta, cfg.norm_eps, rngs, cfg.attention) for _ in range(cfg.backbone_layers)])
         self.norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
         self.head = param(rngs, (cfg.backbone_dim, vocab_size), ("embed", "vocab"))
 
@@ -30,15 +30,19 @@ class TransformerLM(nnx.Module):
         tokens_BxT, segments_BxT = batch["tokens"], batch["segments"]
         positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
-        x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window, remat=self.cfg.remat)
+        x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window, remat=self.cfg.remat,
+                             scan=self.cfg.scan_layers)
         return (self.norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
 
 
-def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: int) -> int:
-    """Matmul FLOPs of TransformerLM's forward over one row."""
+def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: int,
+                      recompute: str | None = None) -> int:
+    """Matmul FLOPs of TransformerLM's forward over one row; with `recompute` (a model.remat
+    value), only what the backward pass computes again."""
     block = block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
-                        window)
-    return cfg.backbone_layers * block + 2 * length * cfg.backbone_dim * vocab_size
+                        window, recompute)
+    head = 2 * length * cfg.backbone_dim * vocab_size if recompute is None else 0
+    return cfg.backbone_layers * block + head
 
 
 class ByteLM(TransformerLM):
@@ -46,5 +50,5 @@ class ByteLM(TransformerLM):
         super().__init__(cfg, VOCAB_SIZE, cfg.byte_window, rngs)
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int) -> int:
-    return transformer_flops(cfg, VOCAB_SIZE, cfg.byte_window, row_tokens)
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None) -> int:
+    return transformer_flops(cfg, VOCAB_SIZE, cfg.byte_window, row_tokens, recompute)

@@ -54,7 +54,8 @@ class WordPooling(nnx.Module):
 
 
 def _byte_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    return Block(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim, cfg.rope_theta, cfg.norm_eps, rngs)
+    return Block(cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim, cfg.rope_theta, cfg.norm_eps, rngs,
+                 cfg.attention)
 
 
 class DecoderBlock(nnx.Module):
@@ -77,7 +78,7 @@ class HAT(nnx.Module):
         self.pool = WordPooling(cfg.byte_dim, cfg.pool_heads, cfg.backbone_dim, cfg.rope_theta, rngs)
         self.backbone = nnx.List([
             Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
-                  cfg.rope_theta, cfg.norm_eps, rngs) for _ in range(cfg.backbone_layers)])
+                  cfg.rope_theta, cfg.norm_eps, rngs, cfg.attention) for _ in range(cfg.backbone_layers)])
         self.backbone_norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
         self.first_word = param(rngs, (cfg.backbone_dim,), ("embed",), fan_in=1)
         self.decoder = nnx.List([DecoderBlock(cfg, rngs) for _ in range(cfg.decoder_layers)])
@@ -94,12 +95,13 @@ class HAT(nnx.Module):
         positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
 
         h_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
-        h_BxTxD = run_blocks(self.encoder, h_BxTxD, positions_BxT, segments_BxT, cfg.byte_window, remat=cfg.remat)
+        h_BxTxD = run_blocks(self.encoder, h_BxTxD, positions_BxT, segments_BxT, cfg.byte_window, remat=cfg.remat,
+                             scan=cfg.scan_layers)
 
         words_BxWxDb = self.pool(h_BxTxD, words_BxT, num_words)
         word_positions_BxW = jnp.broadcast_to(jnp.arange(num_words), word_segments_BxW.shape)
         words_BxWxDb = run_blocks(self.backbone, words_BxWxDb, word_positions_BxW, word_segments_BxW,
-                                  remat=cfg.remat)
+                                  remat=cfg.remat, scan=cfg.scan_layers)
         predictive_BxWxDb = self.backbone_norm(words_BxWxDb)
 
         # Byte t reads the summary of the word before its own; a segment's first word has none.
@@ -111,21 +113,25 @@ class HAT(nnx.Module):
         predictive_BxTxDb = jnp.take_along_axis(shifted_BxWxDb, words_BxT[..., None], axis=1)
 
         x_BxTxD = run_blocks(self.decoder, h_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT,
-                             cfg.byte_window, remat=cfg.remat)
+                             cfg.byte_window, remat=cfg.remat, scan=cfg.scan_layers)
         return (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int) -> int:
-    """Matmul FLOPs of the forward over one row, as computed (masked attention pairs included)."""
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None) -> int:
+    """Matmul FLOPs of the forward over one row, as computed (masked attention pairs included);
+    with `recompute` (a model.remat value), only what the backward pass computes again."""
     byte_block = block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
-                             cfg.byte_window)
+                             cfg.byte_window, recompute)
+    backbone = cfg.backbone_layers * block_flops(row_words, cfg.backbone_dim, cfg.backbone_heads,
+                                                 cfg.backbone_kv_heads, cfg.backbone_mlp_dim, 0, recompute)
+    # Inside the decoder's blocks; a remat never recomputes it (its result only feeds a sum).
+    conditioning = 2 * row_tokens * cfg.backbone_dim * cfg.byte_dim if recompute is None else 0
+    blocks = (cfg.encoder_layers + cfg.decoder_layers) * byte_block + backbone + cfg.decoder_layers * conditioning
+    if recompute is not None:
+        return blocks
     pool_width = cfg.pool_heads * (cfg.byte_dim // cfg.pool_heads)
     pooling = (2 * 2 * row_tokens * cfg.byte_dim * pool_width  # keys and values
                + 2 * row_tokens * pool_width  # scores
                + 2 * row_words * pool_width * cfg.backbone_dim)  # output
-    backbone = cfg.backbone_layers * block_flops(row_words, cfg.backbone_dim, cfg.backbone_heads,
-                                                 cfg.backbone_kv_heads, cfg.backbone_mlp_dim)
-    conditioning = 2 * row_tokens * cfg.backbone_dim * cfg.byte_dim
     head = 2 * row_tokens * cfg.byte_dim * VOCAB_SIZE
-    return (cfg.encoder_layers * byte_block + pooling + backbone
-            + cfg.decoder_layers * (conditioning + byte_block) + head)
+    return blocks + pooling + head

@@ -97,6 +97,26 @@ def dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: 
     return _softmax_attend(logits, mask, v_BxTxKxDh, "bkgts,bskd->btkgd")
 
 
+def fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, implementation: str):
+    """jax.nn.dot_product_attention with this codebase's masking: causal, within segments, windowed."""
+    same_Bx1xTxT = (segments_BxT[:, :, None] == segments_BxT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=same_Bx1xTxT, is_causal=True,
+                                        local_window_size=(window - 1, 0) if window else None,
+                                        implementation=implementation)
+
+
+# model.attention: "xla" is this file's attention (block-local when windowed, so it computes
+# and is counted as T x window); "cudnn" is the fused kernel, GPU only, in 16-bit.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def resolve_attention(setting: str, dtype) -> str:
+    if setting == "auto":
+        fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if fused else "xla"
+    return setting
+
+
 def uses_local_attention(length: int, window: int) -> bool:
     return bool(window) and length > window + LOCAL_BLOCK
 
@@ -113,7 +133,8 @@ def attention_score_pairs(length: int, window: int) -> int:
 class Attention(nnx.Module):
     """Grouped-query causal self-attention with RoPE, within segments, optionally windowed."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, theta: float, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, kv_heads: int, theta: float, rngs: nnx.Rngs,
+                 implementation: str = "auto"):
         if dim % heads or heads % kv_heads:
             raise ValueError(f"width {dim}, heads {heads}, kv heads {kv_heads} do not divide")
         head_dim = dim // heads
@@ -121,13 +142,16 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", None))
         self.wv = param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", None))
         self.wo = param(rngs, (heads, head_dim, dim), ("heads", None, "embed"), fan_in=dim)
-        self.theta = theta
+        self.theta, self.implementation = theta, implementation
 
     def __call__(self, x_BxTxD, positions_BxT, segments_BxT, window: int = 0):
         q_BxTxHxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...]), positions_BxT, self.theta)
         k_BxTxKxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...]), positions_BxT, self.theta)
         v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...])
         b, t, h, dh = q_BxTxHxDh.shape
+        if resolve_attention(self.implementation, x_BxTxD.dtype) == "cudnn":
+            out = fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, "cudnn")
+            return jnp.einsum("bthk,hkd->btd", out, self.wo[...])
         kv = k_BxTxKxDh.shape[2]
         q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, kv, h // kv, dh)
         if uses_local_attention(t, window):
@@ -152,9 +176,9 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm x), then x + mlp(norm x)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, mlp_dim: int, theta: float, eps: float,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention: str = "auto"):
         self.attn_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, heads, kv_heads, theta, rngs)
+        self.attn = Attention(dim, heads, kv_heads, theta, rngs, attention)
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_dim, rngs)
 
@@ -164,20 +188,48 @@ class Block(nnx.Module):
         return constrain(x_BxTxD, ("batch", "length", None))
 
 
-def run_blocks(blocks, x_BxTxD, *args, remat: bool):
-    """Apply a stack of blocks, each called as block(x, *args), rematerialised in the backward
-    pass if asked."""
-    for block in blocks:
-        if remat:
-            x_BxTxD = nnx.remat(lambda blk, x: blk(x, *args))(block, x_BxTxD)
-        else:
-            x_BxTxD = block(x_BxTxD, *args)
+# What the backward pass keeps of each block's forward; everything else is recomputed.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Weight matmuls are kept; attention scores and elementwise work are recomputed.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_blocks(blocks, x_BxTxD, *args, remat: str = "none", scan: bool = False):
+    """Apply a stack of identical blocks, each called as block(x, *args).
+
+    remat: "none", or a REMAT_POLICIES name. scan: one lax.scan over the layers (weights stacked
+    per call, so checkpoints do not depend on it) instead of an unrolled loop: the program, and
+    its compile time, stay the size of one layer.
+    """
+    if not len(blocks):
+        return x_BxTxD
+    graphdef, _ = nnx.split(blocks[0])
+    layers = [nnx.split(block)[1] for block in blocks]
+
+    def layer(x, weights):
+        return nnx.merge(graphdef, weights)(x, *args), None
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        stacked = jax.tree.map(lambda *w: jnp.stack(w), *layers)
+        return jax.lax.scan(layer, x_BxTxD, stacked)[0]
+    for weights in layers:
+        x_BxTxD = layer(x_BxTxD, weights)[0]
     return x_BxTxD
 
 
-def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, window: int = 0) -> int:
-    """Matmul FLOPs of one Block's forward over one row of `length` positions, as computed."""
+def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, window: int = 0,
+                recompute: str | None = None) -> int:
+    """Matmul FLOPs of one Block's forward over one row of `length` positions, as computed; with
+    `recompute` (a model.remat value), only what the backward pass computes again."""
     head_dim = dim // heads
-    weights = 2 * dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 3 * dim * mlp_dim
+    inputs = dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 2 * dim * mlp_dim  # q, k, v, gate, up
+    outputs = heads * head_dim * dim + mlp_dim * dim  # attention and MLP out: their results feed only sums
     scores_and_values = 2 * 2 * heads * head_dim * attention_score_pairs(length, window)
-    return 2 * weights * length + scores_and_values
+    if recompute is None:
+        return 2 * (inputs + outputs) * length + scores_and_values
+    # Gradients need the inputs of every matmul but not the outputs of the last two.
+    return {"none": 0, "save_dots": scores_and_values, "full": 2 * inputs * length + scores_and_values}[recompute]

@@ -10,6 +10,7 @@ from flax import nnx
 from hiermodel.config import ModelConfig
 from hiermodel.errors import UserError
 from hiermodel.models import byte, hat, subword
+from hiermodel.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 KINDS = {
     "hat": (hat.HAT, hat.forward_flops),
@@ -23,6 +24,10 @@ def check_kind(config: ModelConfig) -> None:
         raise UserError(f"model.kind={config.kind!r} is not one of {', '.join(KINDS)}")
     if config.kind == "subword" and config.vocab_size < 258:
         raise UserError(f"model.vocab_size={config.vocab_size}: model.kind=subword needs the tokenizer's size")
+    if config.remat not in ("none", *REMAT_POLICIES):
+        raise UserError(f"model.remat={config.remat!r}: use none, {', '.join(REMAT_POLICIES)}")
+    if config.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise UserError(f"model.attention={config.attention!r}: use {', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
 
 def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -36,5 +41,7 @@ def forward_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
 
 
 def train_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
-    """Matmul FLOPs of one row's training step: the backward pass costs two forwards, remat a third."""
-    return (4 if config.remat else 3) * forward_flops(config, row_tokens, row_words)
+    """Matmul FLOPs of one row's training step: the backward pass costs two forwards, plus what
+    the remat policy computes again."""
+    recomputed = KINDS[config.kind][1](config, row_tokens, row_words, config.remat)
+    return 3 * forward_flops(config, row_tokens, row_words) + recomputed

@@ -11,7 +11,9 @@ from hiermodel.errors import UserError
 def _cluster_detected() -> bool:
     """A SLURM allocation with several tasks, or a TPU slice with several workers: JAX reads the
     coordinator, process count and id from the environment itself."""
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+    # libtpu, finding no TPU, writes a sentence with commas into that variable: hostnames have no spaces.
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or (len(hosts) > 1 and not any(" " in h for h in hosts))
 
 
 def initialize(config: DistributedConfig) -> None:

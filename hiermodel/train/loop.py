@@ -21,7 +21,7 @@ from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import Checkpointer, open_run
 from hiermodel.train.metrics import MetricsWriter
 from hiermodel.train.sharding import batch_sharding, make_mesh, to_global
-from hiermodel.train.step import make_train_step, optimizer, schedule
+from hiermodel.train.step import jit_train_step, optimizer, schedule
 
 
 class TrainingDiverged(Exception):
@@ -129,9 +129,7 @@ def train(config: Config, devices=None) -> dict:
         writer.info(f"{state_lib.num_params(config):,} parameters; mesh {dict(mesh.shape)}; "
                     f"{jax.device_count()} {jax.devices()[0].platform} devices")
 
-        step_fn = jax.jit(make_train_step(layout.graphdef, tx, config.train, config.model.compute_dtype),
-                          in_shardings=(layout.shardings, batch_sharding(mesh)),
-                          out_shardings=(layout.shardings, None), donate_argnums=0)
+        step_fn = jit_train_step(layout, tx, config, mesh)
         score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
         try:
             return _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer,

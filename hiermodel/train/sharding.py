@@ -9,6 +9,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hiermodel.config import MeshConfig
@@ -38,7 +39,11 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     if math.prod(sizes) != len(devices):
         raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                         f"found {len(devices)}")
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES,
+    if devices[0].platform == "tpu":  # lay the mesh along the chips' physical interconnect
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    else:
+        grid = np.array(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES,
                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from hiermodel.config import TrainConfig
+from hiermodel.train.sharding import batch_sharding
 
 def schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warmup, then cosine decay, or warmup-stable-decay (WSD) with a linear tail."""
@@ -90,3 +91,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return train_step
+
+
+def jit_train_step(layout, tx: optax.GradientTransformation, config, mesh):
+    """The train step jitted with the state's shardings, a batch-sharded batch and the state donated."""
+    step = make_train_step(layout.graphdef, tx, config.train, config.model.compute_dtype)
+    return jax.jit(step, in_shardings=(layout.shardings, batch_sharding(mesh)),
+                   out_shardings=(layout.shardings, None), donate_argnums=0)

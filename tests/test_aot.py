@@ -1,0 +1,60 @@
+"""Ahead-of-time compilation of the real train step for topologies that are not attached."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+from hiermodel.errors import UserError
+from hiermodel.train import state as state_lib
+from hiermodel.train.aot import batch_shapes, compile_report, target_devices
+from hiermodel.train.sharding import batch_sharding, make_mesh
+from hiermodel.train.step import optimizer
+from tests.conftest import micro_config
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    import jax
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def expected_arguments(config, devices) -> int:
+    mesh = make_mesh(config.mesh, devices)
+    layout = state_lib.layout(config, optimizer(config.train), mesh)
+    batch = batch_shapes(config, config.train.batch_size, batch_sharding(mesh))
+    del batch["tags"]  # the step never reads it, and jit drops unused arguments
+    return per_device_bytes(layout.abstract) + per_device_bytes(batch)
+
+
+@pytest.mark.parametrize("target", [
+    "cpu:4",
+    pytest.param("v5p-8", marks=pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                                   reason="libtpu is not installed (pip install 'hiermodel[tpu]')")),
+])
+def test_the_compiled_step_holds_exactly_its_shard_of_state_and_batch(target):
+    config = micro_config(**{"mesh.data": 1, "mesh.fsdp": -1, "train.batch_size": 8, "model.scan_layers": True})
+    devices = target_devices(target)
+    assert len(devices) == 4
+    report = compile_report(config, devices)
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    # FSDP: each device holds a quarter of the parameters and Adam moments, and two of the 8 rows;
+    # TPU buffers are padded to the chip's tiles, so there it is a lower bound.
+    shards = expected_arguments(config, devices)
+    if target.startswith("cpu"):
+        assert report["arguments_bytes"] == shards
+    else:
+        assert shards <= report["arguments_bytes"] <= 4 * shards
+    assert report["aliased_bytes"] > 0  # the donated state is updated in place
+    assert report["peak_bytes"] >= report["arguments_bytes"]
+    if target.startswith("v5p"):
+        assert report["device_kind"] == "TPU v5" and report["fits"] is True
+
+
+def test_unknown_targets_are_named():
+    with pytest.raises(UserError, match="v9z-8"):
+        target_devices("v9z-8")
+    with pytest.raises(UserError, match="cpu:64: this process has 8 CPU devices"):
+        target_devices("cpu:64")
