@@ -150,9 +150,10 @@ def from_dict(values: dict, where: str = "config") -> Config:
     return config
 
 
-def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config and apply `key=value` overrides (dotted keys)."""
-    path = Path(path)
+def _read(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The YAML mappings to apply, in order: a file's `base` (a config path relative to it) first."""
+    if path.resolve() in chain:
+        raise UserError(f"{path}: configs name each other as base: {' -> '.join(map(str, chain))}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
@@ -161,7 +162,17 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
-    config = from_dict(values, str(path))
+    base = values.pop("base", None)
+    inherited = _read(path.parent / str(base), (*chain, path.resolve())) if base else []
+    return inherited + [(values, str(path))]
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (on top of its `base`, if it names one) and apply `key=value`
+    overrides (dotted keys)."""
+    config = Config()
+    for values, where in _read(Path(path)):
+        _apply(config, values, where)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:

@@ -31,6 +31,19 @@ def test_bad_keys_and_values_are_named(tmp_path):
         config_lib.load(tmp_path / "missing.yaml")
 
 
+def test_a_config_builds_on_its_base(tmp_path):
+    (tmp_path / "pods").mkdir()
+    (tmp_path / "model.yaml").write_text(f"base: {CONFIGS / 'tiny.yaml'}\nmodel:\n  backbone_layers: 5\n")
+    (tmp_path / "pods" / "pod.yaml").write_text("base: ../model.yaml\ntrain:\n  batch_size: 64\n")
+    config = config_lib.load(tmp_path / "pods" / "pod.yaml", ["train.steps=9"])
+    tiny = config_lib.load(CONFIGS / "tiny.yaml")
+    assert (config.model.backbone_layers, config.train.batch_size, config.train.steps) == (5, 64, 9)
+    assert config.model.byte_dim == tiny.model.byte_dim and config.data == tiny.data
+    (tmp_path / "model.yaml").write_text("base: pods/pod.yaml\n")
+    with pytest.raises(UserError, match="configs name each other as base"):
+        config_lib.load(tmp_path / "pods" / "pod.yaml")
+
+
 SIZES = {"1b": (0.8e9, 1.2e9), "3b": (2.5e9, 3.5e9), "7b": (6.5e9, 8e9)}
 
 

@@ -2,7 +2,6 @@
 process with eight: the same losses and the same checkpoint."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,12 +22,6 @@ pytestmark = pytest.mark.slow
 SAME_RUN = {"data.shards": 2, "train.steps": 4, "train.checkpoint_every": 2, "mesh.data": 8}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def final_params(config):
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     with jax.set_mesh(mesh):
@@ -47,18 +40,14 @@ def test_two_processes_of_four_devices_train_exactly_like_one_of_eight(tmp_path)
     single = micro_config(run_dir=tmp_path / "single", **SAME_RUN)
     train(single)
 
-    coordinator = f"localhost:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    overrides = [f"{k}={v}" for k, v in SAME_RUN.items()]
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "hiermodel.cli", "train", str(MICRO), f"run_dir={tmp_path / 'multi'}",
-                          *overrides, f"distributed.coordinator={coordinator}", "distributed.num_processes=2",
-                          f"distributed.process_id={i}"],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outputs = [p.communicate(timeout=400)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
-    assert "mesh {'data': 8" in outputs[0] and "8 cpu devices" in outputs[0]
+    env = {**os.environ, "XLA_FLAGS": "", "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable,
+           "LOG_DIR": str(tmp_path / "logs")}
+    job = subprocess.run([str(REPO / "launch" / "multiprocess.sh"), "2", str(MICRO), f"run_dir={tmp_path / 'multi'}",
+                          *[f"{k}={v}" for k, v in SAME_RUN.items()]],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout + job.stderr + (tmp_path / "logs" / "process-1.log").read_text()
+    assert "mesh {'data': 8" in job.stderr and "8 cpu devices" in job.stderr and "bpb" in job.stdout
+    assert "bpb" not in (tmp_path / "logs" / "process-1.log").read_text()  # progress is printed once
 
     multi = micro_config(run_dir=tmp_path / "multi", **SAME_RUN)
     assert len(losses(multi.run_dir)) == 4
