@@ -83,20 +83,26 @@ def _text_documents(path: str, separator: str, chunk_bytes: int) -> list[bytes]:
     return documents
 
 
-def is_held_out(document: bytes, fraction: float) -> bool:
-    """A stable choice by content: the same text is held out wherever it appears."""
-    return zlib.crc32(document) % 10000 < fraction * 10000
+def held_out_mask(documents: list[bytes], fraction: float) -> np.ndarray:
+    """Which documents of one file are held out: a stable choice by content (the same text is held
+    out wherever it appears), plus the file's lowest-hashed document where that picks none of two
+    or more, so that every file, and so every language, is evaluated."""
+    hashes = np.array([zlib.crc32(d) % 10000 for d in documents], np.int64)
+    mask = hashes < fraction * 10000
+    if len(documents) > 1 and not mask.any():
+        mask[np.argmin(hashes)] = True
+    return mask
 
 
 class DocumentSource:
     """Random access over documents (bytes) from several files; grain reads it as a data source.
 
     Text files split at `separator` and then into pieces of at most `chunk_bytes` (0: whole);
-    `keep`, if given, filters the documents of text, JSONL and built-in files.
+    `select`, if given, picks from each text, JSONL or built-in file's list of documents.
     """
 
     def __init__(self, specs: list[str], separator: str = "", jsonl_field: str = "text", chunk_bytes: int = 0,
-                 keep: Callable[[bytes], bool] | None = None):
+                 select: Callable[[list[bytes]], list[bytes]] | None = None):
         if not specs:
             raise UserError("no data given")
         self.paths: list[str] = []
@@ -104,11 +110,11 @@ class DocumentSource:
         for spec in specs:
             for path in expand(spec):
                 part = self._open(path, separator, jsonl_field, chunk_bytes)
-                if keep is not None:
+                if select is not None:
                     if not isinstance(part, list):
                         raise UserError(f"{path}: data.holdout cannot select from ArrayRecord shards; "
                                         "write the held-out documents to their own shards")
-                    part = [d for d in part if keep(d)]
+                    part = select(part)
                 self.paths.append(path)
                 self._parts.append(part)
         sizes = [len(part) for part in self._parts]
@@ -154,8 +160,9 @@ def open_split(data: DataConfig, split: str, specs: list[str] | None = None) -> 
     """The "train" or "eval" documents of a data config (of `specs` instead of its own if given);
     with data.holdout > 0 the two splits share no document."""
     specs = specs if specs is not None else (data.train if split == "train" else data.eval)
-    keep = None
-    if data.holdout > 0:
-        keep = (lambda d: not is_held_out(d, data.holdout)) if split == "train" else (
-            lambda d: is_held_out(d, data.holdout))
-    return DocumentSource(specs, data.separator, data.jsonl_field, data.chunk_bytes, keep)
+    def this_split(documents: list[bytes]) -> list[bytes]:
+        held_out = held_out_mask(documents, data.holdout)
+        return [d for d, h in zip(documents, held_out) if h == (split == "eval")]
+
+    return DocumentSource(specs, data.separator, data.jsonl_field, data.chunk_bytes,
+                          this_split if data.holdout > 0 else None)
