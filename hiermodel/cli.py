@@ -55,7 +55,7 @@ def cmd_eval(args) -> int:
     from hiermodel.data.documents import encoding
     from hiermodel.data.sources import DocumentSource, open_split
     from hiermodel.eval.perturb import Perturbation, PerturbedSource
-    from hiermodel.eval.score import make_score_fn, score_source
+    from hiermodel.eval.score import LANGUAGE, make_score_fn, score_source
 
     perturbations = [Perturbation.parse(spec) for spec in args.perturb]
     config, mesh, graphdef, params = _load_run(args.checkpoint)
@@ -67,7 +67,7 @@ def cmd_eval(args) -> int:
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings)
         batch_size = args.batch_size or max(jax.device_count(), 8)
         score = lambda docs: score_source(score_fn, params, docs, encoder.document, config.data, batch_size, mesh,
-                                          progress=True)
+                                          progress=True, language_pattern=args.language_pattern or LANGUAGE)
         result = score(source)
         result["perturbations"] = {}
         for perturbation in perturbations:
@@ -75,11 +75,15 @@ def cmd_eval(args) -> int:
             noisy["degradation"] = noisy["bpb"] - result["bpb"]
             result["perturbations"][str(perturbation)] = noisy
     if jax.process_index() == 0:
-        width = max(len(s["path"]) for s in result["per_source"])
-        print(f"{'source':<{width}}  {'bytes':>12}  {'bpb':>7}")
-        for s in result["per_source"]:
-            print(f"{s['path']:<{width}}  {s['bytes']:>12,}  {s['bpb']:>7.4f}")
-        print(f"{'total':<{width}}  {result['bytes']:>12,}  {result['bpb']:>7.4f}")
+        rows = [(s["path"], s) for s in result["per_source"]]
+        if len(result["per_language"]) > 1:
+            rows += [(f"language {name}", entry) for name, entry in result["per_language"].items()]
+        rows.append(("total", result))
+        width = max(len(name) for name, _ in rows)
+        print(f"{'source':<{width}}  {'bytes':>12}  {'bpb':>7}  {'bits/char':>9}  {'word ppl':>10}")
+        for name, entry in rows:
+            print(f"{name:<{width}}  {entry['bytes']:>12,}  {entry['bpb']:>7.4f}  {entry['bits_per_char']:>9.4f}  "
+                  f"{entry['word_perplexity']:>10.2f}")
         for name, noisy in result["perturbations"].items():
             print(f"{'perturbed ' + name:<{width}}  {noisy['bytes']:>12,}  {noisy['bpb']:>7.4f}  "
                   f"({noisy['degradation']:+.4f} bpb, against the clean bytes)")
@@ -156,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
                           help="also score seeded noisy text (swap, drop, insert, case, whitespace; "
                                "repeatable), in bits per clean byte")
     evaluate.add_argument("--perturb-seed", type=int, default=0)
+    evaluate.add_argument("--language-pattern",
+                          help="regex whose first group is a path's language (default: a code starting "
+                               "the file name, en_alice.txt -> en)")
     evaluate.add_argument("--held-out", action="store_true",
                           help="score only the documents the run's data.holdout kept out of training")
     evaluate.set_defaults(run=cmd_eval)

@@ -17,6 +17,7 @@ from flax import nnx
 from hiermodel import cli
 from hiermodel.data.documents import ByteEncoding
 from hiermodel.data.packing import RowBuilder
+from hiermodel.text.words import split_words
 from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
@@ -100,16 +101,27 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_eval_reports_the_sum_of_per_byte_bits(trained, tmp_path):
-    docs = {"a.txt": "The cat sat on the mat. ".encode() * 3, "b.txt": "Ünïcode wörds ünd 日本語.".encode(),
-            "c.txt": bytes(range(200, 256))}
+    docs = {"en_cat.txt": "The cat sat on the mat. ".encode() * 3, "de_words.txt": "Ünïcode wörds ünd 日本語.".encode(),
+            "en_bytes.txt": bytes(range(200, 256))}
     for name, data in docs.items():
         (tmp_path / name).write_bytes(data)
     out = tmp_path / "result.json"
     assert cli.main(["eval", "--checkpoint", str(trained), "--data", *(str(tmp_path / n) for n in docs),
                      "--output-json", str(out), "--perturb", "case:0", "--perturb", "drop:0.3"]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"bpb", "bits", "bytes", "per_source", "perturbations"}
+    assert set(result) == {"bpb", "bits", "bytes", "chars", "words", "bits_per_char", "word_perplexity",
+                           "per_source", "per_language", "perturbations"}
     assert result["bytes"] == sum(len(d) for d in docs.values())
+    # Characters: code points of the valid text, one per byte of the invalid one (none continues one).
+    assert [e["chars"] for e in result["per_source"]] == [72, len(docs["de_words.txt"].decode()), 56]
+    assert [e["words"] for e in result["per_source"]] == [len(split_words(d)) for d in docs.values()]
+    english = [e for e in result["per_source"] if "/en_" in e["path"]]
+    assert set(result["per_language"]) == {"en", "de"}
+    assert result["per_language"]["en"]["bits"] == pytest.approx(sum(e["bits"] for e in english))
+    assert result["per_language"]["en"]["chars"] == 72 + 56
+    for entry in [result, *result["per_source"], *result["per_language"].values()]:
+        assert entry["bits_per_char"] == pytest.approx(entry["bits"] / entry["chars"])
+        assert entry["word_perplexity"] == pytest.approx(2 ** (entry["bits"] / entry["words"]))
     # Perturbed text is scored against the clean bytes; a zero rate changes nothing.
     unchanged, dropped = result["perturbations"]["case:0"], result["perturbations"]["drop:0.3"]
     assert unchanged["bits"] == pytest.approx(result["bits"], rel=1e-6) and unchanged["degradation"] == pytest.approx(0)

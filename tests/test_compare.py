@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from hiermodel import cli
-from hiermodel.eval.compare import language_of, markdown
+from hiermodel.eval.compare import markdown
+from hiermodel.eval.score import language_of
 from tests.conftest import MICRO
 
 pytestmark = pytest.mark.slow

@@ -40,12 +40,12 @@ def test_each_kind_does_what_it_says():
     assert apply("swap", 0.2).count(b"\xff") == TEXT.count(b"\xff")
 
 
-def test_perturbed_source_is_per_document_and_reports_clean_sizes(tmp_path):
+def test_perturbed_source_is_per_document_and_keeps_the_clean_source(tmp_path):
     (tmp_path / "a.txt").write_bytes(TEXT)
     (tmp_path / "b.txt").write_bytes(TEXT[:100] + b"\n\n" + TEXT[100:300])
     source = DocumentSource([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], separator="\n\n")
     noisy = PerturbedSource(source, Perturbation("drop", 0.3), seed=5)
-    assert [noisy.clean_bytes(f) for f in range(2)] == [len(TEXT), 300]
+    assert noisy.clean is source and [list(noisy.documents_of(f)) for f in range(2)] == [[0], [1, 2]]
     assert noisy[2] == PerturbedSource(source, Perturbation("drop", 0.3), seed=5)[2] != source[2]
     assert noisy[1] != noisy[2]
 

@@ -8,7 +8,6 @@ training FLOPs per step (models/registry.py), so step counts differ while comput
 import dataclasses
 import json
 import math
-import re
 import statistics
 import time
 from pathlib import Path
@@ -31,8 +30,6 @@ from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
 from hiermodel.train.sharding import make_mesh
 
-LANGUAGE = r"(?:^|/)([a-z]{2,3})[_.-][^/]*$"  # en_alice.txt -> en
-
 
 @dataclasses.dataclass
 class Plan:
@@ -40,11 +37,6 @@ class Plan:
     config: Config
     steps: int
     step_flops: int  # analytic training FLOPs of one step
-
-
-def language_of(path: str, pattern: str = LANGUAGE) -> str:
-    match = re.search(pattern, path)
-    return match.group(1) if match else Path(path).name
 
 
 def bytes_per_step(config: Config, batches: int = 8) -> float:
@@ -130,11 +122,6 @@ def run(plans: list[Plan], perturbations: list[Perturbation], seed: int = 0) -> 
         model = p.config.model
         shape = (model, p.config.data.row_tokens, p.config.data.row_words)
         train_per_byte = statistics.mean(m["flops_per_byte"] for m in steady)
-        languages: dict[str, list[float]] = {}
-        for entry in final["per_source"]:
-            totals = languages.setdefault(language_of(entry["path"]), [0.0, 0])
-            totals[0] += entry["bits"]
-            totals[1] += entry["bytes"]
         results.append({
             "name": p.name, "kind": model.kind, "params": state_lib.num_params(p.config), "steps": p.steps,
             "train_flops": p.steps * p.step_flops,
@@ -143,7 +130,7 @@ def run(plans: list[Plan], perturbations: list[Perturbation], seed: int = 0) -> 
             "train_bytes_per_s": statistics.median(m["bytes_per_s"] for m in steady),
             "eval_bytes_per_s": final["bytes_per_s"],
             "bpb": final["bpb"], "eval_bytes": final["bytes"],
-            "bpb_by_language": {k: bits / n for k, (bits, n) in sorted(languages.items()) if n},
+            "bpb_by_language": {k: v["bpb"] for k, v in final["per_language"].items() if v["bytes"]},
             "degradation": final["perturbations"],
             "curve": [(step * p.step_flops, m["bpb"]) for step, m in sorted(read_metrics(p.config.run_dir, "eval").items())],
         })

@@ -86,20 +86,18 @@ class Perturbation:
 
 
 class PerturbedSource:
-    """A DocumentSource whose documents come back perturbed; it reports the clean sizes."""
+    """A DocumentSource whose documents come back perturbed; `clean` is the source it perturbs
+    (scoring measures bits against the clean text)."""
 
     def __init__(self, source: DocumentSource, perturbation: Perturbation, seed: int = 0):
-        self.source, self.perturbation, self.seed = source, perturbation, seed
+        self.clean, self.perturbation, self.seed = source, perturbation, seed
         self.paths = source.paths
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.clean)
 
     def __getitem__(self, index: int) -> bytes:
-        return self.perturbation.apply(self.source[index], np.random.default_rng([self.seed, int(index)]))
+        return self.perturbation.apply(self.clean[index], np.random.default_rng([self.seed, int(index)]))
 
     def documents_of(self, file_number: int) -> range:
-        return self.source.documents_of(file_number)
-
-    def clean_bytes(self, file_number: int) -> int:
-        return sum(len(self.source[i]) for i in self.documents_of(file_number))
+        return self.clean.documents_of(file_number)

@@ -1,8 +1,10 @@
 """Bits per byte: every token of every document scored exactly once, long documents with context."""
 
 import math
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -13,6 +15,7 @@ from hiermodel.config import DataConfig
 from hiermodel.data.documents import Document
 from hiermodel.data.pipeline import scoring_batches
 from hiermodel.data.sources import DocumentSource
+from hiermodel.text.words import split_words
 from hiermodel.train.sharding import batch_sharding, process_slice, to_global, to_host
 from hiermodel.train.step import cast, target_bytes, token_nats
 
@@ -27,12 +30,39 @@ def make_score_fn(graphdef, compute_dtype: str, mesh, param_shardings):
     return jax.jit(score, in_shardings=(param_shardings, batch_sharding(mesh)))
 
 
-def score_source(score_fn, params, source: DocumentSource, to_document: Callable[[bytes], Document],
-                 data: DataConfig, batch_size: int, mesh, max_rows: int = 0, progress: bool = False) -> dict:
-    """{"bpb", "bits", "bytes", "per_source": [{"path", "bytes", "bits", "bpb"}]} over `source`.
+# A language code at the start of a file name: en_alice.txt, de-faust.txt -> en, de.
+LANGUAGE = r"(?:^|/)([a-z]{2,3})[_.-][^/]*$"
 
-    Bytes are those the scored tokens cover; a source may report its documents' clean sizes
-    instead (`clean_bytes`, for perturbed text), so bits per byte stay comparable.
+
+def language_of(path: str, pattern: str = LANGUAGE) -> str:
+    match = re.search(pattern, path)
+    return match.group(1) if match else Path(path).name
+
+
+def text_counts(document: bytes, max_word_bytes: int) -> tuple[int, int]:
+    """(characters, words): UTF-8 characters (bytes that do not continue one; an invalid byte
+    counts as one), and the HAT splitter's words, which also separate CJK text without spaces."""
+    array = np.frombuffer(document, np.uint8)
+    return int(((array & 0xC0) != 0x80).sum()), len(split_words(document, max_word_bytes))
+
+
+def _summary(bits: float, n_bytes: int, chars: int | None, words: int | None) -> dict:
+    summary = {"bytes": int(n_bytes), "bits": float(bits), "bpb": bits / n_bytes if n_bytes else math.nan}
+    if chars is not None:
+        summary.update(chars=int(chars), words=int(words), bits_per_char=bits / chars if chars else math.nan,
+                       word_perplexity=2.0 ** (bits / words) if words else math.nan)
+    return summary
+
+
+def score_source(score_fn, params, source: DocumentSource, to_document: Callable[[bytes], Document],
+                 data: DataConfig, batch_size: int, mesh, max_rows: int = 0, progress: bool = False,
+                 language_pattern: str = LANGUAGE) -> dict:
+    """Bits per byte (`bpb`, `bits`, `bytes`) over `source`, overall, `per_source` and
+    `per_language`; when every document is scored (max_rows 0) also bits per character and
+    word-level perplexity.
+
+    Bytes are those the scored tokens cover; a perturbed source (with a `clean` source) is
+    measured in its clean documents' bytes, characters and words, so models stay comparable.
     """
     files = len(source.paths)
     bits, counts = np.zeros(files), np.zeros(files, np.int64)
@@ -50,12 +80,27 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
                   end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
     if progress and jax.process_index() == 0 and sys.stderr.isatty():
         print(file=sys.stderr)
-    if hasattr(source, "clean_bytes"):
-        counts = np.array([source.clean_bytes(f) for f in range(files)], np.int64)
-    per_source = [
-        {"path": path, "bytes": int(n), "bits": float(b), "bpb": float(b / n) if n else float("nan")}
-        for path, n, b in zip(source.paths, counts, bits)
-    ]
-    total_bits, total_bytes = float(bits.sum()), int(counts.sum())
-    return {"bpb": total_bits / max(total_bytes, 1), "bits": total_bits, "bytes": total_bytes,
-            "per_source": per_source}
+    chars = words = [None] * files
+    if not max_rows:
+        clean = getattr(source, "clean", source)
+        documents = [[clean[i] for i in clean.documents_of(f)] for f in range(files)]
+        if clean is not source:
+            counts = np.array([sum(map(len, docs)) for docs in documents], np.int64)
+        totals = np.array([[sum(c) for c in zip((0, 0), *(text_counts(d, data.max_word_bytes) for d in docs))]
+                           for docs in documents], np.int64).reshape(files, 2)
+        chars, words = totals[:, 0].tolist(), totals[:, 1].tolist()
+    per_source = [{"path": path, **_summary(b, n, c, w)}
+                  for path, b, n, c, w in zip(source.paths, bits, counts, chars, words)]
+    languages: dict[str, list] = {}
+    for entry in per_source:
+        group = languages.setdefault(language_of(entry["path"], language_pattern), [])
+        group.append(entry)
+    with_text = chars[0] is not None if files else False
+
+    def total(entries) -> dict:
+        add = lambda key: sum(e[key] for e in entries)
+        return _summary(add("bits"), add("bytes"), add("chars") if with_text else None,
+                        add("words") if with_text else None)
+
+    return {**total(per_source), "per_source": per_source,
+            "per_language": {name: total(entries) for name, entries in sorted(languages.items())}}
