@@ -38,6 +38,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfig:
     train: list[str] = dataclasses.field(default_factory=lambda: ["builtin:train"])
+    train_weights: list[float] = dataclasses.field(default_factory=list)  # share of bytes per data.train entry
     eval: list[str] = dataclasses.field(default_factory=lambda: ["builtin:eval"])
     separator: str = ""  # empty: one document per file; else split text files on it
     chunk_bytes: int = 0  # > 0: cut text documents into pieces of at most this size, at line ends
@@ -70,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     peak_flops: float = 0.0  # per device; 0 picks a figure for the device kind
+    freeze: list[str] = dataclasses.field(default_factory=list)  # model parts left as they are, e.g. encoder,decoder
 
 
 @dataclasses.dataclass

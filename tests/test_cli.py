@@ -109,8 +109,9 @@ def test_eval_reports_the_sum_of_per_byte_bits(trained, tmp_path):
     assert cli.main(["eval", "--checkpoint", str(trained), "--data", *(str(tmp_path / n) for n in docs),
                      "--output-json", str(out), "--perturb", "case:0", "--perturb", "drop:0.3"]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"bpb", "bits", "bytes", "chars", "words", "bits_per_char", "word_perplexity",
-                           "per_source", "per_language", "perturbations"}
+    assert set(result) == {"bpb", "bits", "bytes", "tokens", "bytes_per_token", "chars", "words", "bits_per_char",
+                           "word_perplexity", "per_source", "per_language", "perturbations"}
+    assert result["tokens"] == result["bytes"] and result["bytes_per_token"] == 1  # a byte model
     assert result["bytes"] == sum(len(d) for d in docs.values())
     # Characters: code points of the valid text, one per byte of the invalid one (none continues one).
     assert [e["chars"] for e in result["per_source"]] == [72, len(docs["de_words.txt"].decode()), 56]

@@ -7,7 +7,7 @@ from hiermodel.config import DataConfig
 from hiermodel.data.documents import ByteEncoding
 from hiermodel.data.pipeline import scoring_batches, train_dataset
 from hiermodel.data.shards import write_shards
-from hiermodel.data.sources import DocumentSource, chunk_at_lines, open_split
+from hiermodel.data.sources import open_train, DocumentSource, chunk_at_lines, open_split
 from hiermodel.errors import UserError
 from hiermodel.text.words import BOS_ID, split_words
 
@@ -124,6 +124,35 @@ def test_shuffling_is_deterministic_by_seed():
     first = lambda seed: next(iter(train_dataset(SMALL, source, BYTES, seed=seed, local_batch=2)))["tokens"]
     assert np.array_equal(first(1), first(1))
     assert not np.array_equal(first(1), first(2))
+
+
+def test_sources_mix_by_byte_share_and_resume_exactly(tmp_path):
+    (tmp_path / "short.txt").write_bytes(b"\n\n".join(b"aaaa " * 9 for _ in range(300)))  # 45-byte documents
+    (tmp_path / "long.txt").write_bytes(b"\n\n".join(b"bbbb " * 80 for _ in range(40)))  # 400-byte documents
+    config = DataConfig(train=[str(tmp_path / "short.txt"), str(tmp_path / "long.txt")], train_weights=[0.75, 0.25],
+                        separator="\n\n", row_tokens=256, row_words=64, max_word_bytes=32)
+    sources = open_train(config)
+    assert [len(s) for s in sources] == [300, 40]
+
+    def batches(count, restore_after=None):
+        iterator, out = iter(train_dataset(config, sources, BYTES, 0, 4)), []
+        for step in range(count):
+            if step == restore_after:
+                state = iterator.get_state()
+                iterator.close()
+                iterator = iter(train_dataset(config, sources, BYTES, 0, 4))
+                iterator.set_state(state)
+            out.append(next(iterator)["tokens"])
+        iterator.close()
+        return out
+
+    tokens = np.concatenate(batches(40))
+    a, b = (tokens == ord("a")).sum(), (tokens == ord("b")).sum()
+    assert a / (a + b) == pytest.approx(0.75, abs=0.02)  # letters are 4/5 of both kinds of document
+    for x, y in zip(batches(6), batches(6, restore_after=3)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(UserError, match="one positive share per data.train entry"):
+        open_train(DataConfig(train=config.train, train_weights=[1.0], separator="\n\n"))
 
 
 def test_the_global_batch_depends_on_data_shards_not_on_processes():

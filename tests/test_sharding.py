@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from hiermodel.config import MeshConfig
+from hiermodel.errors import UserError
 from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import Checkpointer
 from hiermodel.train.loop import train
@@ -93,3 +94,21 @@ def test_logged_loss_covers_every_step_since_the_last_line(tmp_path):
     _, every = run(tmp_path, "every", "1", **{"train.steps": 4})
     _, pairs = run(tmp_path, "pairs", "1", **{"train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 4})
     np.testing.assert_allclose(pairs, [np.mean(every[:2]), np.mean(every[2:])], rtol=1e-3)
+
+
+def test_frozen_parts_keep_their_initial_weights(tmp_path):
+    config, losses = run(tmp_path, "frozen", "2x2x2", **{"train.steps": 2, "train.freeze": "embed,encoder"})
+    tx = optimizer(config.train)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        layout = state_lib.layout(config, tx, mesh)
+        initial = jax.tree.map(np.asarray, state_lib.initialize(config, tx, layout)["params"])
+        checkpointer = Checkpointer(config.run_dir, read_only=True)
+        trained = jax.tree.map(np.asarray, checkpointer.restore_params(2, layout.abstract["params"]))
+        checkpointer.close()
+    for part in ("embed", "encoder"):
+        jax.tree.map(np.testing.assert_array_equal, trained[part], initial[part])
+    for part in ("backbone", "decoder", "head"):
+        assert not np.array_equal(jax.tree.leaves(trained[part])[0], jax.tree.leaves(initial[part])[0])
+    with pytest.raises(UserError, match="train.freeze: encodr is not a part of this model"):
+        run(tmp_path, "typo", "1", **{"train.freeze": "encodr"})

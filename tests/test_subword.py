@@ -90,3 +90,6 @@ def test_subword_run_trains_keeps_its_tokenizer_and_scores_every_raw_byte(tmp_pa
         result = score_source(score_fn, params, source, encoding(config).document, config.data, 8, mesh)
     assert result["bytes"] == sum(len(source[i]) for i in range(len(source)))
     assert 0 < result["bpb"] < 8
+    # One scored token per BPE id of every document (its BOS is context, not scored).
+    ids = sum(len(encoding(config).document(source[i]).tokens) - 1 for i in range(len(source)))
+    assert result["tokens"] == ids and result["bytes_per_token"] == result["bytes"] / ids > 1.5

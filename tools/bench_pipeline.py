@@ -11,7 +11,7 @@ import numpy as np
 from hiermodel import config as config_lib
 from hiermodel.data.documents import encoding
 from hiermodel.data.pipeline import train_dataset
-from hiermodel.data.sources import open_split
+from hiermodel.data.sources import open_train
 
 
 def main(argv=None) -> None:
@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=200)
     args = p.parse_args(argv)
     config = config_lib.load(args.config, args.overrides)
-    source = open_split(config.data, "train")
+    source = open_train(config.data)
     iterator = iter(train_dataset(config.data, source, encoding(config).document, config.seed, config.train.batch_size))
     next(iterator)  # start the prefetch thread
     text_bytes = slots = positions = 0

@@ -20,7 +20,7 @@ def bench(config, steps: int, warmup: int) -> dict:
 
     from hiermodel.data.documents import encoding
     from hiermodel.data.pipeline import train_dataset
-    from hiermodel.data.sources import open_split
+    from hiermodel.data.sources import open_train
     from hiermodel.models.registry import train_flops
     from hiermodel.train import state as state_lib
     from hiermodel.train.loop import peak_flops_per_device, validate
@@ -30,7 +30,7 @@ def bench(config, steps: int, warmup: int) -> dict:
     mesh = make_mesh(config.mesh)
     validate(config, mesh)
     local_batch = config.train.batch_size // jax.process_count()
-    batches = train_dataset(config.data, open_split(config.data, "train"), encoding(config).document, config.seed,
+    batches = train_dataset(config.data, open_train(config.data), encoding(config).document, config.seed,
                             local_batch, jax.process_index(), jax.process_count())
     iterator = iter(batches)
     local = [next(iterator) for _ in range(warmup + steps)]

@@ -74,9 +74,13 @@ class SubwordEncoding:
 
 
 def tokenizer_path(config: Config) -> Path:
-    """The run's own copy of its tokenizer once it has one, else `model.tokenizer`."""
-    saved = Path(config.run_dir) / TOKENIZER_FILE
-    return saved if saved.exists() else Path(config.model.tokenizer)
+    """The run's own copy of its tokenizer once it has one, else that of the run it continues
+    (`init_from`: continued pretraining keeps the original tokenizer), else `model.tokenizer`."""
+    for run_dir in (config.run_dir, config.init_from):
+        saved = Path(run_dir) / TOKENIZER_FILE
+        if run_dir and saved.exists():
+            return saved
+    return Path(config.model.tokenizer)
 
 
 def encoding(config: Config) -> ByteEncoding | SubwordEncoding:

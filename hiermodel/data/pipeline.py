@@ -98,22 +98,39 @@ def shards_of_process(config: DataConfig, process_index: int, process_count: int
     return range(process_index * mine, (process_index + 1) * mine), shards
 
 
-def train_dataset(config: DataConfig, source: DocumentSource, to_document: Callable[[bytes], Document], seed: int,
-                  local_batch: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def mixture_weights(shares: list[float], sources: list[DocumentSource], sample: int = 1000) -> list[float]:
+    """Per-document mixing weights that give each source its share of the *bytes* trained on:
+    a share divided by the source's mean document size (from up to `sample` documents)."""
+    means = []
+    for source in sources:
+        indices = np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int)
+        means.append(max(float(np.mean([len(source[int(i)]) for i in indices])), 1.0))
+    return [share / mean for share, mean in zip(shares, means)]
+
+
+def train_dataset(config: DataConfig, source: DocumentSource | list[DocumentSource],
+                  to_document: Callable[[bytes], Document], seed: int, local_batch: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
     """Infinite batches of packed rows for one process (its shards' rows, in shard order);
-    reshuffled every epoch."""
+    reshuffled every epoch. Several sources are mixed by data.train_weights, as byte shares."""
     check_shapes(config)
+    sources = source if isinstance(source, list) else [source]
     mine, shards = shards_of_process(config, process_index, process_count)
     if local_batch % len(mine):
         raise UserError(f"{local_batch} rows per process do not split over its {len(mine)} data shards")
-    if len(source) < shards:
-        raise UserError(f"{len(source)} training documents cannot feed {shards} data shards")
-    ds = grain.MapDataset.source(source)
-    if config.shuffle:
-        ds = ds.shuffle(seed=seed)
+    for s in sources:
+        if len(s) < shards:
+            raise UserError(f"{', '.join(s.paths)}: {len(s)} training documents cannot feed {shards} data shards")
+    weights = mixture_weights(config.train_weights, sources) if len(sources) > 1 else None
+    documents = []
+    for i, s in enumerate(sources):
+        ds = grain.MapDataset.source(s)
+        documents.append(ds.shuffle(seed=seed + i) if config.shuffle else ds)
 
     def shard(index: int) -> grain.IterDataset:
-        rows = ds[index::shards].repeat(None).map(to_document).to_iter_dataset()
+        streams = [ds[index::shards].repeat(None) for ds in documents]
+        mixed = streams[0] if weights is None else grain.MapDataset.mix(streams, weights)
+        rows = mixed.map(to_document).to_iter_dataset()
         return PackIterDataset(rows, config.row_tokens, config.row_words).batch(local_batch // len(mine),
                                                                                  drop_remainder=True)
 

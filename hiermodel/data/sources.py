@@ -166,3 +166,14 @@ def open_split(data: DataConfig, split: str, specs: list[str] | None = None) -> 
 
     return DocumentSource(specs, data.separator, data.jsonl_field, data.chunk_bytes,
                           this_split if data.holdout > 0 else None)
+
+
+def open_train(data: DataConfig) -> DocumentSource | list[DocumentSource]:
+    """The training documents: one pool, or with data.train_weights one source per data.train
+    entry, to be mixed by those byte shares."""
+    if not data.train_weights:
+        return open_split(data, "train")
+    if len(data.train_weights) != len(data.train) or min(data.train_weights) <= 0:
+        raise UserError(f"data.train_weights={data.train_weights} needs one positive share per data.train entry "
+                        f"({len(data.train)}: {', '.join(data.train)})")
+    return [open_split(data, "train", [spec]) for spec in data.train]

@@ -18,7 +18,7 @@ from hiermodel import config as config_lib
 from hiermodel.config import Config
 from hiermodel.data.documents import encoding
 from hiermodel.data.pipeline import train_dataset
-from hiermodel.data.sources import open_split
+from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
 from hiermodel.eval.perturb import Perturbation, PerturbedSource
 from hiermodel.eval.score import make_score_fn, score_source
@@ -41,7 +41,7 @@ class Plan:
 
 def bytes_per_step(config: Config, batches: int = 8) -> float:
     """Mean raw bytes in a training batch, from the first batches of the real pipeline."""
-    iterator = iter(train_dataset(config.data, open_split(config.data, "train"), encoding(config).document,
+    iterator = iter(train_dataset(config.data, open_train(config.data), encoding(config).document,
                                   config.seed, config.train.batch_size))
     try:
         return statistics.mean(float(next(iterator)["token_bytes"].sum()) for _ in range(batches))

@@ -46,8 +46,9 @@ def text_counts(document: bytes, max_word_bytes: int) -> tuple[int, int]:
     return int(((array & 0xC0) != 0x80).sum()), len(split_words(document, max_word_bytes))
 
 
-def _summary(bits: float, n_bytes: int, chars: int | None, words: int | None) -> dict:
-    summary = {"bytes": int(n_bytes), "bits": float(bits), "bpb": bits / n_bytes if n_bytes else math.nan}
+def _summary(bits: float, n_bytes: int, tokens: int, chars: int | None, words: int | None) -> dict:
+    summary = {"bytes": int(n_bytes), "bits": float(bits), "bpb": bits / n_bytes if n_bytes else math.nan,
+               "tokens": int(tokens), "bytes_per_token": n_bytes / tokens if tokens else math.nan}
     if chars is not None:
         summary.update(chars=int(chars), words=int(words), bits_per_char=bits / chars if chars else math.nan,
                        word_perplexity=2.0 ** (bits / words) if words else math.nan)
@@ -57,15 +58,15 @@ def _summary(bits: float, n_bytes: int, chars: int | None, words: int | None) ->
 def score_source(score_fn, params, source: DocumentSource, to_document: Callable[[bytes], Document],
                  data: DataConfig, batch_size: int, mesh, max_rows: int = 0, progress: bool = False,
                  language_pattern: str = LANGUAGE) -> dict:
-    """Bits per byte (`bpb`, `bits`, `bytes`) over `source`, overall, `per_source` and
-    `per_language`; when every document is scored (max_rows 0) also bits per character and
-    word-level perplexity.
+    """Bits per byte (`bpb`, `bits`, `bytes`) and bytes per token over `source`, overall,
+    `per_source` and `per_language`; when every document is scored (max_rows 0) also bits per
+    character and word-level perplexity.
 
     Bytes are those the scored tokens cover; a perturbed source (with a `clean` source) is
     measured in its clean documents' bytes, characters and words, so models stay comparable.
     """
     files = len(source.paths)
-    bits, counts = np.zeros(files), np.zeros(files, np.int64)
+    bits, counts, tokens = np.zeros(files), np.zeros(files, np.int64), np.zeros(files, np.int64)
     started, rows = time.monotonic(), 0
     for batch in scoring_batches(data, source, to_document, batch_size, max_rows):
         bits_BxT = to_host(score_fn(params, to_global(process_slice(batch), mesh)))
@@ -73,6 +74,7 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
         tags = batch["tags"][scored]
         bits += np.bincount(tags, weights=bits_BxT[scored].astype(np.float64), minlength=files)
         counts += np.bincount(tags, weights=np.asarray(target_bytes(batch))[scored], minlength=files).astype(np.int64)
+        tokens += np.bincount(tags, minlength=files)
         rows += batch_size
         if progress and jax.process_index() == 0 and (sys.stderr.isatty() or rows % (20 * batch_size) == 0):
             elapsed = time.monotonic() - started
@@ -89,8 +91,8 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
         totals = np.array([[sum(c) for c in zip((0, 0), *(text_counts(d, data.max_word_bytes) for d in docs))]
                            for docs in documents], np.int64).reshape(files, 2)
         chars, words = totals[:, 0].tolist(), totals[:, 1].tolist()
-    per_source = [{"path": path, **_summary(b, n, c, w)}
-                  for path, b, n, c, w in zip(source.paths, bits, counts, chars, words)]
+    per_source = [{"path": path, **_summary(b, n, k, c, w)}
+                  for path, b, n, k, c, w in zip(source.paths, bits, counts, tokens, chars, words)]
     languages: dict[str, list] = {}
     for entry in per_source:
         group = languages.setdefault(language_of(entry["path"], language_pattern), [])
@@ -99,7 +101,7 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
 
     def total(entries) -> dict:
         add = lambda key: sum(e[key] for e in entries)
-        return _summary(add("bits"), add("bytes"), add("chars") if with_text else None,
+        return _summary(add("bits"), add("bytes"), add("tokens"), add("chars") if with_text else None,
                         add("words") if with_text else None)
 
     return {**total(per_source), "per_source": per_source,

@@ -12,7 +12,7 @@ import yaml
 
 from hiermodel.config import Config, to_dict
 from hiermodel.data.pipeline import train_dataset
-from hiermodel.data.sources import open_split
+from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
 from hiermodel.eval.score import make_score_fn, score_source
 from hiermodel.data.documents import TOKENIZER_FILE, encoding
@@ -95,7 +95,7 @@ def train(config: Config, devices=None) -> dict:
     run_dir = Path(config.run_dir)
     writer = MetricsWriter(run_dir, config.train.steps)
     data = config.data
-    source = open_split(data, "train")
+    source = open_train(data)
     eval_source = open_split(data, "eval") if data.eval else None
     local_batch = config.train.batch_size // jax.process_count()
     encoder = encoding(config)
@@ -194,8 +194,12 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
             if eval_source is not None and (done % t.eval_every == 0 or done == t.steps):
                 result = score_source(score_fn, state["params"], eval_source, encoder.document, config.data,
                                       t.batch_size, mesh, max_rows=t.eval_rows)
-                writer.write(done, {"bpb": result["bpb"], "bytes": result["bytes"]}, prefix="eval")
-                writer.info(f"eval step {done}: bpb {result['bpb']:.4f} on {result['bytes']:,} bytes")
+                languages = result["per_language"] if len(result["per_language"]) > 1 else {}
+                writer.write(done, {"bpb": result["bpb"], "bytes": result["bytes"],
+                                    **{f"bpb_{name}": entry["bpb"] for name, entry in languages.items()}},
+                             prefix="eval")
+                by_language = "".join(f", {name} {entry['bpb']:.4f}" for name, entry in languages.items())
+                writer.info(f"eval step {done}: bpb {result['bpb']:.4f} on {result['bytes']:,} bytes{by_language}")
                 window_start = time.monotonic()
             if save:
                 checkpointer.save(done, state, data_iterator, to_dict(config))

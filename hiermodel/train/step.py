@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from hiermodel.config import TrainConfig
+from hiermodel.errors import UserError
 from hiermodel.train.sharding import batch_sharding
 
 def schedule(config: TrainConfig) -> optax.Schedule:
@@ -33,6 +34,13 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(schedule(config), config.b1, config.b2, weight_decay=config.weight_decay, mask=decay_mask),
     )
+
+
+def check_frozen(freeze: list[str], params: dict) -> None:
+    unknown = sorted(set(freeze) - set(params))
+    if unknown:
+        raise UserError(f"train.freeze: {', '.join(unknown)} is not a part of this model "
+                        f"(its parts: {', '.join(params)})")
 
 
 def token_nats(logits_BxTxV, batch) -> jax.Array:
@@ -76,8 +84,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
             (nats, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
         denominator = jnp.maximum(targets, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
+        # Frozen parts: no gradient (so none in the clipping norm), and their weights kept as they are.
+        check_frozen(config.freeze, grads)
+        grads = {k: jax.tree.map(jnp.zeros_like, g) if k in config.freeze else g for k, g in grads.items()}
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        params = {k: state["params"][k] if k in config.freeze else p for k, p in params.items()}
         loss = nats / denominator
         metrics = {
             "loss": loss,
