@@ -59,8 +59,9 @@ def cmd_eval(args) -> int:
 
     perturbations = [Perturbation.parse(spec) for spec in args.perturb]
     config, mesh, graphdef, params = _load_run(args.checkpoint)
-    source = open_split(config.data, "eval", args.data) if args.held_out else DocumentSource(
-        args.data, config.data.separator, config.data.jsonl_field, config.data.chunk_bytes)
+    source = open_split(config.data, "eval", args.data, args.group_field) if args.held_out else DocumentSource(
+        args.data, config.data.separator, config.data.jsonl_field, config.data.chunk_bytes,
+        group_field=args.group_field)
     encoder = encoding(config)
     with jax.set_mesh(mesh):
         shardings = jax.tree.map(lambda p: p.sharding, params)
@@ -163,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--language-pattern",
                           help="regex whose first group is a path's language (default: a code starting "
                                "the file name, en_alice.txt -> en)")
+    evaluate.add_argument("--group-field", default="",
+                          help="JSONL: report per value of this field (e.g. lang) as sources and languages")
     evaluate.add_argument("--held-out", action="store_true",
                           help="score only the documents the run's data.holdout kept out of training")
     evaluate.set_defaults(run=cmd_eval)

@@ -143,6 +143,26 @@ def test_eval_reports_the_sum_of_per_byte_bits(trained, tmp_path):
     assert result["bpb"] == pytest.approx(sum(e["bits"] for e in result["per_source"]) / result["bytes"])
 
 
+def test_eval_groups_jsonl_documents_by_a_field(trained, tmp_path):
+    records = [{"text": "The cat sat on the mat.", "lang": "en"}, {"text": "Die Katze saß.", "lang": "de"},
+               {"text": "A dog ran off.", "lang": "en"}]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "en.jsonl").write_text("\n".join(json.dumps(r) for r in records if r["lang"] == "en"))
+    grouped, alone = tmp_path / "grouped.json", tmp_path / "alone.json"
+    assert cli.main(["eval", "--checkpoint", str(trained), "--data", str(tmp_path / "mixed.jsonl"),
+                     "--group-field", "lang", "--output-json", str(grouped)]) == 0
+    assert cli.main(["eval", "--checkpoint", str(trained), "--data", str(tmp_path / "en.jsonl"),
+                     "--output-json", str(alone)]) == 0
+    grouped, alone = json.loads(grouped.read_text()), json.loads(alone.read_text())
+    assert [s["path"].rsplit("#", 1)[1] for s in grouped["per_source"]] == ["lang=de", "lang=en"]
+    assert set(grouped["per_language"]) == {"de", "en"}
+    assert grouped["per_language"]["en"]["bits"] == pytest.approx(alone["bits"], rel=1e-5)
+    assert grouped["per_language"]["en"]["bytes"] == alone["bytes"] == len("The cat sat on the mat.A dog ran off.")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "no language"}))
+    assert cli.main(["eval", "--checkpoint", str(trained), "--data", str(tmp_path / "bad.jsonl"),
+                     "--group-field", "lang"]) == 2
+
+
 def test_generate_continues_the_prompt_deterministically(trained, capsysbinary):
     args = ["generate", "--checkpoint", str(trained), "--prompt", "The ", "--max-bytes", "12", "--seed", "3"]
     assert cli.main(args) == 0

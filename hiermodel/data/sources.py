@@ -48,8 +48,9 @@ def _read_bytes(path: str) -> bytes:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
 
 
-def _jsonl_documents(path: str, field: str) -> list[bytes]:
-    documents = []
+def _jsonl_documents(path: str, field: str, group_field: str = "") -> list[bytes] | dict[str, list[bytes]]:
+    """The `field` strings of a JSONL file; with `group_field`, grouped by that field's value."""
+    documents, groups = [], {}
     for line_number, line in enumerate(_read_bytes(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -59,8 +60,13 @@ def _jsonl_documents(path: str, field: str) -> list[bytes]:
             raise UserError(f"{path}:{line_number}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise UserError(f"{path}:{line_number}: no string field {field!r}")
-        documents.append(record[field].encode("utf-8", errors="surrogateescape"))
-    return documents
+        document = record[field].encode("utf-8", errors="surrogateescape")
+        if group_field:
+            if not isinstance(record.get(group_field), str):
+                raise UserError(f"{path}:{line_number}: no string field {group_field!r} to group by")
+            groups.setdefault(record[group_field], []).append(document)
+        documents.append(document)
+    return {name: groups[name] for name in sorted(groups)} if group_field else documents
 
 
 def chunk_at_lines(data: bytes, chunk_bytes: int) -> list[bytes]:
@@ -98,25 +104,33 @@ class DocumentSource:
     """Random access over documents (bytes) from several files; grain reads it as a data source.
 
     Text files split at `separator` and then into pieces of at most `chunk_bytes` (0: whole);
-    `select`, if given, picks from each text, JSONL or built-in file's list of documents.
+    `select`, if given, picks from each text, JSONL or built-in file's list of documents. With
+    `group_field`, a JSONL file is one source per value of that field (its path then ends in
+    "#FIELD=VALUE"), so scores come out per value, e.g. per language.
     """
 
     def __init__(self, specs: list[str], separator: str = "", jsonl_field: str = "text", chunk_bytes: int = 0,
-                 select: Callable[[list[bytes]], list[bytes]] | None = None):
+                 select: Callable[[list[bytes]], list[bytes]] | None = None, group_field: str = ""):
         if not specs:
             raise UserError("no data given")
         self.paths: list[str] = []
         self._parts: list = []  # per file: a list of bytes, or an ArrayRecord source
         for spec in specs:
             for path in expand(spec):
-                part = self._open(path, separator, jsonl_field, chunk_bytes)
-                if select is not None:
-                    if not isinstance(part, list):
-                        raise UserError(f"{path}: data.holdout cannot select from ArrayRecord shards; "
-                                        "write the held-out documents to their own shards")
-                    part = select(part)
-                self.paths.append(path)
-                self._parts.append(part)
+                if group_field and path.endswith(JSONL_SUFFIXES):
+                    # Each value of the field becomes a source of its own: "PATH#FIELD=VALUE".
+                    named = {f"{path}#{group_field}={value}": docs
+                             for value, docs in _jsonl_documents(path, jsonl_field, group_field).items()}
+                else:
+                    named = {path: self._open(path, separator, jsonl_field, chunk_bytes)}
+                for name, part in named.items():
+                    if select is not None:
+                        if not isinstance(part, list):
+                            raise UserError(f"{path}: data.holdout cannot select from ArrayRecord shards; "
+                                            "write the held-out documents to their own shards")
+                        part = select(part)
+                    self.paths.append(name)
+                    self._parts.append(part)
         sizes = [len(part) for part in self._parts]
         self._starts = np.cumsum([0] + sizes)
         if self._starts[-1] == 0:
@@ -156,7 +170,7 @@ class DocumentSource:
         return range(int(self._starts[file_number]), int(self._starts[file_number + 1]))
 
 
-def open_split(data: DataConfig, split: str, specs: list[str] | None = None) -> DocumentSource:
+def open_split(data: DataConfig, split: str, specs: list[str] | None = None, group_field: str = "") -> DocumentSource:
     """The "train" or "eval" documents of a data config (of `specs` instead of its own if given);
     with data.holdout > 0 the two splits share no document."""
     specs = specs if specs is not None else (data.train if split == "train" else data.eval)
@@ -165,7 +179,7 @@ def open_split(data: DataConfig, split: str, specs: list[str] | None = None) -> 
         return [d for d, h in zip(documents, held_out) if h == (split == "eval")]
 
     return DocumentSource(specs, data.separator, data.jsonl_field, data.chunk_bytes,
-                          this_split if data.holdout > 0 else None)
+                          this_split if data.holdout > 0 else None, group_field)
 
 
 def open_train(data: DataConfig) -> DocumentSource | list[DocumentSource]:

@@ -35,6 +35,9 @@ LANGUAGE = r"(?:^|/)([a-z]{2,3})[_.-][^/]*$"
 
 
 def language_of(path: str, pattern: str = LANGUAGE) -> str:
+    """The value of a JSONL group ("data.jsonl#lang=de"), else the pattern's first group, else the file name."""
+    if "#" in path and "=" in path.rsplit("#", 1)[1]:
+        return path.rsplit("=", 1)[1]
     match = re.search(pattern, path)
     return match.group(1) if match else Path(path).name
 
