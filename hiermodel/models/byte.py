@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
-from hiermodel.models.layers import Block, RMSNorm, block_flops, param, run_blocks
+from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
 
@@ -33,6 +33,21 @@ class TransformerLM(nnx.Module):
         x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window, remat=self.cfg.remat,
                              scan=self.cfg.scan_layers)
         return (self.norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+
+    def empty_cache(self, batch: int, length: int) -> list[dict]:
+        cfg = self.cfg
+        return [empty_cache(batch, length, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
+                            self.embed[...].dtype) for _ in range(cfg.backbone_layers)]
+
+    def extend(self, tokens_BxS, positions_BxS, caches: list[dict]):
+        """Next-token logits of S new tokens at the given positions, attending to the caches
+        (incremental decoding); returns the logits [B, S, V] and the updated caches."""
+        x_BxSxD = jnp.take(self.embed[...], tokens_BxS, axis=0)
+        updated = []
+        for block, cache in zip(self.blocks, caches):
+            x_BxSxD, cache = block.extend(x_BxSxD, positions_BxS, cache, self.window)
+            updated.append(cache)
+        return (self.norm(x_BxSxD) @ self.head[...]).astype(jnp.float32), updated
 
 
 def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: int,

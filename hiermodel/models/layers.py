@@ -160,6 +160,32 @@ class Attention(nnx.Module):
             out = dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh), self.wo[...])
 
+    def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0):
+        """Attention of S new positions (one document, each row at its own positions) over the
+        cache and themselves; returns the output and the cache with their keys and values."""
+        q_BxSxHxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wq[...]), positions_BxS, self.theta)
+        k_BxSxKxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wk[...]), positions_BxS, self.theta)
+        v_BxSxKxDh = jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wv[...])
+        write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, 0))
+        cache = {"k": write(cache["k"], k_BxSxKxDh, positions_BxS[:, 0]),
+                 "v": write(cache["v"], v_BxSxKxDh, positions_BxS[:, 0])}
+        b, s, h, dh = q_BxSxHxDh.shape
+        kv = cache["k"].shape[2]
+        slots_L = jnp.arange(cache["k"].shape[1])
+        delta_BxSxL = positions_BxS[:, :, None] - slots_L
+        allowed_BxSxL = (delta_BxSxL >= 0) & ((delta_BxSxL < window) if window else True)
+        q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, kv, h // kv, dh)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q_BxSxKxGxDh, cache["k"].astype(q_BxSxHxDh.dtype)) * dh ** -0.5
+        out = _softmax_attend(logits, allowed_BxSxL[:, None, None], cache["v"].astype(q_BxSxHxDh.dtype),
+                              "bkgts,bskd->btkgd")
+        return jnp.einsum("bthk,hkd->btd", out.reshape(b, s, h, dh), self.wo[...]), cache
+
+
+def empty_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> dict:
+    """Keys and values of `length` positions for incremental decoding; slot i holds position i."""
+    zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+    return {"k": zeros, "v": zeros}
+
 
 class SwiGLU(nnx.Module):
     def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs):
@@ -186,6 +212,12 @@ class Block(nnx.Module):
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segments_BxT, window)
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return constrain(x_BxTxD, ("batch", "length", None))
+
+    def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0):
+        """The block over S new positions with a key/value cache (incremental decoding)."""
+        attended, cache = self.attn.extend(self.attn_norm(x_BxSxD), positions_BxS, cache, window)
+        x_BxSxD = x_BxSxD + attended
+        return x_BxSxD + self.mlp(self.mlp_norm(x_BxSxD)), cache
 
 
 # What the backward pass keeps of each block's forward; everything else is recomputed.
