@@ -97,8 +97,7 @@ def cmd_generate(args) -> int:
     import jax
 
     from hiermodel.data.documents import encoding
-    from hiermodel.eval.generate import generate, generate_cached
-    from hiermodel.models.registry import KINDS
+    from hiermodel.eval.generate import generate, generate_cached, generate_hat_cached
 
     if args.max_bytes < 1:
         raise UserError("--max-bytes must be at least 1")
@@ -115,11 +114,10 @@ def cmd_generate(args) -> int:
         out.write(piece)
         out.flush()
 
-    cached = not args.no_cache and hasattr(KINDS[config.model.kind][0], "extend")
+    run = generate if args.no_cache else generate_hat_cached if config.model.kind == "hat" else generate_cached
     with jax.set_mesh(mesh):
-        (generate_cached if cached else generate)(graphdef, params, encoder, prompt, args.max_bytes, config.data,
-                                                  config.model.compute_dtype, args.temperature, args.top_p,
-                                                  args.seed, on_bytes=show)
+        run(graphdef, params, encoder, prompt, args.max_bytes, config.data, config.model.compute_dtype,
+            args.temperature, args.top_p, args.seed, on_bytes=show)
     out.write(b"\n")
     return 0
 
@@ -177,8 +175,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", required=True, help="run directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--no-cache", action="store_true",
-                     help="re-run the model on the whole context for every token (byte and subword models "
-                          "use key/value caches by default; HAT always re-runs)")
+                     help="re-run the model on the whole context for every token instead of using caches")
     gen.add_argument("--max-bytes", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-p", type=float, default=0.95)

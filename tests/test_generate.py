@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from hiermodel.data.documents import ByteEncoding
-from hiermodel.eval.generate import generate, generate_cached
+from hiermodel.eval.generate import _HatDecoder, context_row, generate, generate_cached, generate_hat_cached
 from hiermodel.models.registry import build
 from tests.conftest import micro_config
 
@@ -49,3 +49,35 @@ def test_cached_generation_continues_past_a_full_row(byte_model):
     out = generate_cached(graphdef, params, ByteEncoding(config.data.max_word_bytes), b"word " * 45, 120,
                           config.data, "float32", temperature=1.0, seed=0, on_bytes=pieces.append)
     assert len(out) == 120 and b"".join(pieces) == out
+
+
+@pytest.fixture(scope="module")
+def hat_model():
+    config = micro_config()
+    graphdef, params = nnx.split(build(config.model, nnx.Rngs(0)))
+    return config, graphdef, nnx.to_pure_dict(params)
+
+
+def test_hat_cached_logits_follow_the_full_forward_byte_by_byte(hat_model):
+    """Every prefix of multilingual text, multi-byte characters cut in the middle included: the
+    incremental state gives the logits of re-running the whole model on it."""
+    config, graphdef, params = hat_model
+    encoder = ByteEncoding(config.data.max_word_bytes)
+    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, p)(batch))
+    state = _HatDecoder(graphdef, params, encoder, config.data, "float32")
+    text = "Die Katze saß; 日本語のテキスト, café!".encode()
+    for end in range(4, len(text) + 1):
+        cached = state.restart(text[:end]) if end == 4 else state.advance(text[:end])
+        batch, last = context_row(text[:end], encoder, config.data)
+        np.testing.assert_allclose(cached, np.asarray(forward(params, batch))[0, last], atol=3e-5, rtol=3e-5)
+
+
+def test_hat_cached_generation_equals_uncached(hat_model):
+    config, graphdef, params = hat_model
+    encoder = ByteEncoding(config.data.max_word_bytes)
+    args = (graphdef, params, encoder, "Ein Hund lief über die ".encode(), 40, config.data, "float32")
+    assert generate_hat_cached(*args, temperature=0) == generate(*args, temperature=0)
+    # Sampling from an untrained model: invalid bytes and split characters all along.
+    assert generate_hat_cached(*args, temperature=1.0, seed=2) == generate(*args, temperature=1.0, seed=2)
+    long = generate_hat_cached(graphdef, params, encoder, b"word " * 45, 100, config.data, "float32", seed=1)
+    assert len(long) == 100  # past a full row: started again from the latest words

@@ -3,7 +3,8 @@
 `generate` re-runs the model on the latest row of context for each token (any kind; the row is
 rebuilt from whole words of the text so far, so words and subword ids come out exactly as in
 training). `generate_cached` runs the context once and then one position per token against
-key/value caches (the kinds with an `extend` method: byte and subword).
+key/value caches (the kinds with an `extend` method: byte and subword); `generate_hat_cached`
+does the same for HAT, stage by stage.
 """
 
 import jax
@@ -98,3 +99,95 @@ def generate_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, da
         else:
             out, caches = step(params, np.array([[token]], np.int32), np.array([[position]], np.int32), caches)
             logits, position = np.asarray(out[0, 0]), position + 1
+
+
+class _HatDecoder:
+    """HAT's incremental state for one text: encoder, backbone and decoder caches and what each
+    was computed from. After new bytes, `advance` works out the text's words exactly as training
+    would and recomputes only what changed: new encoder positions, a backbone step per finished
+    word, and decoder positions whose word (or its predictive embedding) differs; a multi-byte
+    character, first split off as bytes of its own, may rejoin the previous word this way."""
+
+    def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
+        model = lambda p: nnx.merge(graphdef, cast(p, compute_dtype))
+        self.params, self.encoder, self.data = params, encoder, data
+        self._empty = jax.jit(lambda p: model(p).empty_caches(data.row_tokens, data.row_words))
+        self._encode = jax.jit(lambda p, *a: model(p).encode(*a))
+        self._summarise = jax.jit(lambda p, *a: model(p).summarise(*a))
+        self._decode = jax.jit(lambda p, *a: model(p).decode(*a))
+        self._first_word = np.asarray(jax.jit(lambda p: model(p).first_word[...])(params))
+
+    def restart(self, text: bytes) -> np.ndarray:
+        """Start from the latest whole words of `text` that fit a row; logits of the next byte."""
+        document = self.encoder.document(text)
+        builder = RowBuilder(self.data.row_tokens, self.data.row_words)
+        self.dropped = document.num_words - builder.words_that_fit(document.word_lengths[::-1])
+        self.caches = self._empty(self.params)
+        self.h = None
+        self.backbone_lengths = np.zeros(0, np.int32)  # words whose backbone step is in the cache
+        self.predictive = None
+        self.decoded_words = np.zeros(0, np.int64)  # the word each decoded position read
+        return self.advance(text)
+
+    def advance(self, text: bytes) -> np.ndarray | None:
+        """Logits of the byte after `text` (which extends the last text by whole tokens), or None
+        when the text no longer fits the row."""
+        document = self.encoder.document(text)
+        tail = document.words(self.dropped, document.num_words)
+        tokens, lengths = tail.tokens, tail.word_lengths
+        if len(tokens) > self.data.row_tokens or len(lengths) > self.data.row_words:
+            return None
+        done = 0 if self.h is None else len(self.h)
+        if len(tokens) > done:
+            positions = np.arange(done, len(tokens))[None]
+            h, self.caches = self._encode(self.params, tokens[None, done:], positions, self.caches)
+            h = np.asarray(h[0])
+            self.h = h if self.h is None else np.concatenate([self.h, h])
+        # The backbone summarises every word but the last, which is still growing.
+        complete = lengths[:-1]
+        same = np.minimum(len(complete), len(self.backbone_lengths))
+        changed = np.flatnonzero(complete[:same] != self.backbone_lengths[:same])
+        first = int(changed[0]) if len(changed) else int(same)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        if first < len(complete):
+            width = self.data.max_word_bytes
+            words = np.zeros((len(complete) - first, width, self.h.shape[1]), self.h.dtype)
+            for i, w in enumerate(range(first, len(complete))):
+                words[i, :lengths[w]] = self.h[starts[w]:starts[w + 1]]
+            predictive, self.caches = self._summarise(self.params, words, complete[first:],
+                                                      np.arange(first, len(complete))[None], self.caches)
+            predictive = np.asarray(predictive[0])
+            self.predictive = predictive if first == 0 else np.concatenate([self.predictive[:first], predictive])
+        self.backbone_lengths = complete
+        # Decoder: from the first position whose word, or that word's predecessor's summary, changed.
+        word_of = np.repeat(np.arange(len(lengths)), lengths)
+        same = np.minimum(len(word_of), len(self.decoded_words))
+        moved = np.flatnonzero(word_of[:same] != self.decoded_words[:same])
+        start = min(int(moved[0]) if len(moved) else int(same), int(starts[first + 1]))
+        reads = [self._first_word if w == 0 else self.predictive[w - 1] for w in word_of[start:]]
+        logits, self.caches = self._decode(self.params, self.h[None, start:], np.stack(reads)[None],
+                                           np.arange(start, len(tokens))[None], self.caches)
+        self.decoded_words = word_of
+        return np.asarray(logits[0, -1])
+
+
+def generate_hat_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig,
+                        compute_dtype: str, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                        on_bytes=None) -> bytes:
+    """As `generate`, for HAT, with caches (the same bytes while the text fits one row)."""
+    state = _HatDecoder(graphdef, params, encoder, data, compute_dtype)
+    allowed = encoder.token_bytes > 0
+    rng = np.random.default_rng(seed)
+    text = bytearray(prompt)
+    logits = state.restart(bytes(text))
+    while True:
+        piece = encoder.id_bytes[sample(logits, allowed[:len(logits)], rng, temperature, top_p)]
+        piece = piece[:max_bytes - (len(text) - len(prompt))]
+        text += piece
+        if on_bytes is not None:
+            on_bytes(piece)
+        if len(text) - len(prompt) >= max_bytes:
+            return bytes(text[len(prompt):])
+        logits = state.advance(bytes(text))
+        if logits is None:
+            logits = state.restart(bytes(text))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
-from hiermodel.models.layers import Block, RMSNorm, block_flops, param, rope, run_blocks
+from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
 
@@ -115,6 +115,43 @@ class HAT(nnx.Module):
         x_BxTxD = run_blocks(self.decoder, h_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT,
                              cfg.byte_window, remat=cfg.remat, scan=cfg.scan_layers)
         return (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+
+    # Incremental decoding (eval/generate.py): the three stages run separately with caches, one
+    # document in one row: byte positions index the encoder and decoder caches, word positions
+    # the backbone's.
+
+    def empty_caches(self, row_tokens: int, row_words: int) -> dict:
+        cfg, dtype = self.cfg, self.embed[...].dtype
+        byte_cache = lambda: empty_cache(1, row_tokens, cfg.byte_kv_heads, cfg.byte_dim // cfg.byte_heads, dtype)
+        return {"encoder": [byte_cache() for _ in self.encoder], "decoder": [byte_cache() for _ in self.decoder],
+                "backbone": [empty_cache(1, row_words, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
+                                         dtype) for _ in self.backbone]}
+
+    def encode(self, tokens_1xS, positions_1xS, caches: dict):
+        """Encoder states of S new bytes, [1, S, Db]."""
+        h_1xSxD = jnp.take(self.embed[...], tokens_1xS, axis=0)
+        for i, block in enumerate(self.encoder):
+            h_1xSxD, caches["encoder"][i] = block.extend(h_1xSxD, positions_1xS, caches["encoder"][i],
+                                                         self.cfg.byte_window)
+        return h_1xSxD, caches
+
+    def summarise(self, h_SxMxD, lengths_S, positions_1xS, caches: dict):
+        """Predictive embeddings [1, S, Dw] of S complete words (each word's byte states padded to M)."""
+        ids_SxM = (jnp.arange(h_SxMxD.shape[1]) >= lengths_S[:, None]).astype(jnp.int32)  # 1: padding
+        words_1xSxD = self.pool(h_SxMxD, ids_SxM, 1)[:, 0][None]
+        for i, block in enumerate(self.backbone):
+            words_1xSxD, caches["backbone"][i] = block.extend(words_1xSxD, positions_1xS, caches["backbone"][i])
+        return self.backbone_norm(words_1xSxD), caches
+
+    def decode(self, h_1xSxD, predictive_1xSxDw, positions_1xS, caches: dict):
+        """Next-byte logits [1, S, V] of S bytes given their encoder states and the predictive
+        embedding each reads (first_word_vector for the document's first word)."""
+        x_1xSxD = h_1xSxD
+        for i, layer in enumerate(self.decoder):
+            x_1xSxD = x_1xSxD + predictive_1xSxDw.astype(x_1xSxD.dtype) @ layer.condition[...]
+            x_1xSxD, caches["decoder"][i] = layer.block.extend(x_1xSxD, positions_1xS, caches["decoder"][i],
+                                                               self.cfg.byte_window)
+        return (self.head_norm(x_1xSxD) @ self.head[...]).astype(jnp.float32), caches
 
 
 def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None) -> int:
