@@ -49,9 +49,13 @@ def main(argv=None) -> int:
             r = compile_report(config, target_devices(target))
             r["compile_seconds"] = time.monotonic() - started
             reports[target] = r
+            if "error" in r:
+                print(f"{target}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}: DOES NOT FIT ({r['error']})",
+                      flush=True)
+                continue
             verdict = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[r["fits"]]
             print(f"{target}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, {r['batch_rows']} rows of "
-                  f"{r['row_tokens']}: per device {_gib(r['peak_bytes'])} peak of {_gib(r['device_memory_bytes'])} "
+                  f"{r['row_tokens']} in {r['grad_accum']} microbatches: per device {_gib(r['peak_bytes'])} peak of {_gib(r['device_memory_bytes'])} "
                   f"({verdict}; state+batch {_gib(r['arguments_bytes'])}, temporaries "
                   f"{_gib(r['temporaries_bytes'])}); {r['train_flops_per_device']:.3e} FLOPs per device per step; "
                   f"compiled in {r['compile_seconds']:.0f}s", flush=True)

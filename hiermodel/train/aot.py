@@ -72,19 +72,22 @@ def compile_train_step(config: Config, mesh):
 def compile_report(config: Config, devices: list) -> dict:
     """Per-device memory of the compiled step, and its FLOPs."""
     mesh = make_mesh(config.mesh, devices)
-    compiled = compile_train_step(config, mesh)
-    memory = compiled.memory_analysis()
     kind = devices[0].device_kind
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
     step_flops = config.train.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
     capacity = DEVICE_MEMORY.get(kind)
-    return {
-        "devices": len(devices), "device_kind": kind, "mesh": dict(mesh.shape),
-        "batch_rows": config.train.batch_size, "row_tokens": config.data.row_tokens,
-        "arguments_bytes": memory.argument_size_in_bytes, "outputs_bytes": memory.output_size_in_bytes,
-        "aliased_bytes": memory.alias_size_in_bytes, "temporaries_bytes": memory.temp_size_in_bytes,
-        "peak_bytes": peak, "device_memory_bytes": capacity,
-        "fits": None if capacity is None else peak <= capacity,
-        "train_flops_per_step": step_flops, "train_flops_per_device": step_flops / len(devices),
-    }
+    report = {"devices": len(devices), "device_kind": kind, "mesh": dict(mesh.shape),
+              "batch_rows": config.train.batch_size, "grad_accum": config.train.grad_accum,
+              "row_tokens": config.data.row_tokens, "device_memory_bytes": capacity,
+              "train_flops_per_step": step_flops, "train_flops_per_device": step_flops / len(devices)}
+    try:
+        memory = compile_train_step(config, mesh).memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses programs that cannot fit; its message says by how much.
+        return {**report, "fits": False, "error": str(e).splitlines()[0]}
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+    return {**report, "arguments_bytes": memory.argument_size_in_bytes, "outputs_bytes": memory.output_size_in_bytes,
+            "aliased_bytes": memory.alias_size_in_bytes, "temporaries_bytes": memory.temp_size_in_bytes,
+            "peak_bytes": peak, "fits": None if capacity is None else peak <= capacity}
