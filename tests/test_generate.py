@@ -1,5 +1,7 @@
 """Cached generation (key/value caches) against re-running the model on the whole context."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 from hiermodel.data.documents import ByteEncoding
 from hiermodel.eval.generate import _HatDecoder, context_row, generate, generate_cached, generate_hat_cached
 from hiermodel.models.registry import build
-from tests.conftest import micro_config
+from tests.conftest import MICRO, micro_config
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,15 @@ def test_hat_cached_generation_equals_uncached(hat_model):
     assert generate_hat_cached(*args, temperature=1.0, seed=2) == generate(*args, temperature=1.0, seed=2)
     long = generate_hat_cached(graphdef, params, encoder, b"word " * 45, 100, config.data, "float32", seed=1)
     assert len(long) == 100  # past a full row: started again from the latest words
+
+
+def test_generation_benchmark_times_both_modes(tmp_path):
+    from tools import bench_generate
+
+    (tmp_path / "prompt.txt").write_text("It is a truth universally acknowledged,\nthat a single man\n")
+    out = tmp_path / "result.json"
+    assert bench_generate.main([str(MICRO), "--prompt-file", str(tmp_path / "prompt.txt"), "--bytes", "8",
+                                "--repeats", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [(r["kind"], r["mode"], r["bytes"]) for r in results] == [("hat", "cached", 8), ("hat", "uncached", 8)]
+    assert all(r["bytes_per_s"] == pytest.approx(8 / r["seconds"]) for r in results)
