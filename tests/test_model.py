@@ -58,14 +58,19 @@ def test_documents_in_one_row_do_not_see_each_other(forward):
     np.testing.assert_allclose(packed[0, len(first) + 1:len(first) + 1 + n], alone[0, :n], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("window, block", [(100, 64), (64, 64), (37, 16), (200, 64)])
-def test_blocked_sliding_window_attention_equals_dense(window, block):
-    keys = jax.random.split(jax.random.PRNGKey(window), 3)
-    b, t, kv, g, d = 2, 300, 2, 2, 8
+def random_attention_inputs(seed: int, b: int = 2, t: int = 300, kv: int = 2, g: int = 2, d: int = 8):
+    """Queries [B,T,K,G,D], keys and values [B,T,K,D], and segments: two documents and padding."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     q = jax.random.normal(keys[0], (b, t, kv, g, d))
     k = jax.random.normal(keys[1], (b, t, kv, d))
     v = jax.random.normal(keys[2], (b, t, kv, d))
-    segments = jnp.concatenate([jnp.full((b, 100), 1), jnp.full((b, 150), 2), jnp.zeros((b, 50), int)], 1)
+    segments = jnp.concatenate([jnp.full((b, 100), 1), jnp.full((b, 150), 2), jnp.zeros((b, t - 250), int)], 1)
+    return q, k, v, segments
+
+
+@pytest.mark.parametrize("window, block", [(100, 64), (64, 64), (37, 16), (200, 64)])
+def test_blocked_sliding_window_attention_equals_dense(window, block):
+    q, k, v, segments = random_attention_inputs(window)
     np.testing.assert_allclose(local_attention(q, k, v, segments, window, block),
                                dense_attention(q, k, v, segments, window), atol=1e-5)
 
@@ -74,12 +79,8 @@ def test_blocked_sliding_window_attention_equals_dense(window, block):
 def test_the_fused_attention_call_masks_like_ours(window):
     """The cuDNN path's masking (causal, within segments, windowed), checked through the same call
     with jax's XLA implementation: both kernels follow its documented semantics."""
-    keys = jax.random.split(jax.random.PRNGKey(window), 3)
-    b, t, kv, g, d = 2, 300, 2, 2, 8
-    q = jax.random.normal(keys[0], (b, t, kv, g, d))
-    k = jax.random.normal(keys[1], (b, t, kv, d))
-    v = jax.random.normal(keys[2], (b, t, kv, d))
-    segments = jnp.concatenate([jnp.full((b, 100), 1), jnp.full((b, 150), 2), jnp.zeros((b, 50), int)], 1)
+    q, k, v, segments = random_attention_inputs(window)
+    b, t, kv, g, d = q.shape
     fused = fused_attention(q.reshape(b, t, kv * g, d), k, v, segments, window, "xla")
     np.testing.assert_allclose(fused, dense_attention(q, k, v, segments, window).reshape(b, t, kv * g, d),
                                atol=1e-5)
