@@ -97,12 +97,14 @@ def cmd_generate(args) -> int:
     import jax
 
     from hiermodel.data.documents import encoding
-    from hiermodel.eval.generate import generate, generate_cached, generate_hat_cached
+    from hiermodel.eval.generate import Sampling, generate, generate_cached, generate_hat_cached
 
     if args.max_bytes < 1:
         raise UserError("--max-bytes must be at least 1")
     if not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    if args.top_k < 0:
+        raise UserError("--top-k must be 0 (off) or positive")
     config, mesh, graphdef, params = _load_run(args.checkpoint)
     encoder = encoding(config)
     prompt = args.prompt.encode("utf-8", errors="surrogateescape")
@@ -117,7 +119,7 @@ def cmd_generate(args) -> int:
     run = generate if args.no_cache else generate_hat_cached if config.model.kind == "hat" else generate_cached
     with jax.set_mesh(mesh):
         run(graphdef, params, encoder, prompt, args.max_bytes, config.data, config.model.compute_dtype,
-            args.temperature, args.top_p, args.seed, on_bytes=show)
+            Sampling(args.temperature, args.top_k, args.top_p, args.seed), on_bytes=show)
     out.write(b"\n")
     return 0
 
@@ -178,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
                      help="re-run the model on the whole context for every token instead of using caches")
     gen.add_argument("--max-bytes", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: all)")
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=cmd_generate)

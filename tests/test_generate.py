@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from hiermodel.data.documents import ByteEncoding
-from hiermodel.eval.generate import _HatDecoder, context_row, generate, generate_cached, generate_hat_cached
+from hiermodel.eval.generate import (Sampling, _HatDecoder, context_row, generate, generate_cached,
+                                     generate_hat_cached, sample)
 from hiermodel.models.registry import build
 from tests.conftest import MICRO, micro_config
 
@@ -40,16 +41,16 @@ def test_cached_greedy_generation_equals_uncached(byte_model):
     config, graphdef, params = byte_model
     encoder = ByteEncoding(config.data.max_word_bytes)
     args = (graphdef, params, encoder, b"The cat sat on the ", 60, config.data, "float32")
-    assert generate_cached(*args, temperature=0) == generate(*args, temperature=0)
-    sampled = generate_cached(*args, temperature=1.0, seed=4)
-    assert len(sampled) == 60 and sampled == generate_cached(*args, temperature=1.0, seed=4)
+    assert generate_cached(*args, Sampling(temperature=0)) == generate(*args, Sampling(temperature=0))
+    sampled = generate_cached(*args, Sampling(seed=4))
+    assert len(sampled) == 60 and sampled == generate_cached(*args, Sampling(seed=4))
 
 
 def test_cached_generation_continues_past_a_full_row(byte_model):
     config, graphdef, params = byte_model
     pieces = []
     out = generate_cached(graphdef, params, ByteEncoding(config.data.max_word_bytes), b"word " * 45, 120,
-                          config.data, "float32", temperature=1.0, seed=0, on_bytes=pieces.append)
+                          config.data, "float32", Sampling(), on_bytes=pieces.append)
     assert len(out) == 120 and b"".join(pieces) == out
 
 
@@ -78,10 +79,10 @@ def test_hat_cached_generation_equals_uncached(hat_model):
     config, graphdef, params = hat_model
     encoder = ByteEncoding(config.data.max_word_bytes)
     args = (graphdef, params, encoder, "Ein Hund lief über die ".encode(), 40, config.data, "float32")
-    assert generate_hat_cached(*args, temperature=0) == generate(*args, temperature=0)
+    assert generate_hat_cached(*args, Sampling(temperature=0)) == generate(*args, Sampling(temperature=0))
     # Sampling from an untrained model: invalid bytes and split characters all along.
-    assert generate_hat_cached(*args, temperature=1.0, seed=2) == generate(*args, temperature=1.0, seed=2)
-    long = generate_hat_cached(graphdef, params, encoder, b"word " * 45, 100, config.data, "float32", seed=1)
+    assert generate_hat_cached(*args, Sampling(seed=2)) == generate(*args, Sampling(seed=2))
+    long = generate_hat_cached(graphdef, params, encoder, b"word " * 45, 100, config.data, "float32", Sampling(seed=1))
     assert len(long) == 100  # past a full row: started again from the latest words
 
 
@@ -95,3 +96,18 @@ def test_generation_benchmark_times_both_modes(tmp_path):
     results = json.loads(out.read_text())
     assert [(r["kind"], r["mode"], r["bytes"]) for r in results] == [("hat", "cached", 8), ("hat", "uncached", 8)]
     assert all(r["bytes_per_s"] == pytest.approx(8 / r["seconds"]) for r in results)
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    allowed = np.ones(4, bool)
+    draw = lambda sampling: {sample(logits, allowed, np.random.default_rng(i), sampling) for i in range(300)}
+    assert draw(Sampling()) == {0, 1, 2, 3}
+    assert draw(Sampling(top_k=2)) == {0, 1}
+    assert draw(Sampling(top_p=0.75)) == {0, 1}  # 0.5 + 0.3 reaches it
+    assert draw(Sampling(top_k=3, top_p=0.9)) == {0, 1, 2}
+    assert draw(Sampling(temperature=0)) == {0}
+    assert draw(Sampling(top_k=3, top_p=1.0)) == {0, 1, 2}
+    assert draw(Sampling()) != draw(Sampling(top_k=1)) == {0}
+    allowed[0] = False
+    assert draw(Sampling(top_k=1)) == {1}

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from hiermodel.data.documents import encoding
-    from hiermodel.eval.generate import generate, generate_cached, generate_hat_cached
+    from hiermodel.eval.generate import Sampling, generate, generate_cached, generate_hat_cached
     from hiermodel.train.state import num_params
 
     text = open(args.prompt_file, "rb").read()[:args.prompt_bytes]
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         cached = generate_hat_cached if config.model.kind == "hat" else generate_cached
         for name, run in (("cached", cached), ("uncached", generate)):
             sample = lambda: run(graphdef, params, encoding(config), prompt, args.bytes, config.data,
-                                 config.model.compute_dtype, temperature=1.0, seed=0)
+                                 config.model.compute_dtype, Sampling(temperature=1.0))
             sample()  # compiles
             best = float("inf")
             for _ in range(args.repeats):

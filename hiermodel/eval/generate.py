@@ -7,6 +7,8 @@ key/value caches (the kinds with an `extend` method: byte and subword); `generat
 does the same for HAT, stage by stage.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,45 +30,64 @@ def context_row(data: bytes, encoder, config: DataConfig) -> tuple[dict, int]:
     return {k: v[None] for k, v in builder.finish().items()}, len(tail.tokens) - 1
 
 
-def sample(logits: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, temperature: float,
-           top_p: float) -> int:
-    """A token id among the `allowed` ones from next-token logits; temperature 0 is greedy."""
+@dataclasses.dataclass
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # > 0: only the k likeliest tokens
+    top_p: float = 1.0  # < 1: only the likeliest tokens holding this much probability
+    seed: int = 0
+
+
+def sample(logits: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, sampling: Sampling) -> int:
+    """A token id among the `allowed` ones from next-token logits."""
     logits = np.where(allowed, logits.astype(np.float64), -np.inf)
-    if temperature <= 0:
+    if sampling.temperature <= 0:
         return int(np.argmax(logits))
-    probs = np.exp((logits - logits.max()) / temperature)
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        cumulative = np.cumsum(probs[order])
-        cut = int(np.searchsorted(cumulative, top_p)) + 1
-        kept = np.zeros_like(probs)
-        kept[order[:cut]] = probs[order[:cut]]
-        probs = kept / kept.sum()
-    return int(rng.choice(len(probs), p=probs))
+    probs = np.exp((logits - logits.max()) / sampling.temperature)
+    order = np.argsort(-probs, kind="stable")
+    keep = len(probs)
+    if sampling.top_k > 0:
+        keep = min(keep, sampling.top_k)
+    if sampling.top_p < 1.0:
+        cumulative = np.cumsum(probs[order]) / probs.sum()
+        keep = min(keep, int(np.searchsorted(cumulative, sampling.top_p)) + 1)
+    kept = np.zeros_like(probs)
+    kept[order[:keep]] = probs[order[:keep]]
+    return int(rng.choice(len(probs), p=kept / kept.sum()))
 
 
-def generate(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig, compute_dtype: str,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, on_bytes=None) -> bytes:
-    """At most `max_bytes` bytes continuing `prompt`; `on_bytes(piece)` is called as each token is chosen."""
-    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, cast(p, compute_dtype))(batch))
+def _sample_text(next_logits, encoder, prompt: bytes, max_bytes: int, sampling: Sampling, on_bytes) -> bytes:
+    """The sampling loop every generator shares: `next_logits(text, last_token)` gives the logits
+    after `text` (last_token None for the prompt); `on_bytes(piece)` sees each chosen token."""
     allowed = encoder.token_bytes > 0  # text tokens only, no BOS
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(sampling.seed)
     text = bytearray(prompt)
-    while len(text) - len(prompt) < max_bytes:
-        batch, last = context_row(bytes(text), encoder, data)
-        logits = np.asarray(forward(params, batch)[0, last])
-        piece = encoder.id_bytes[sample(logits, allowed[:len(logits)], rng, temperature, top_p)]
-        piece = piece[:max_bytes - (len(text) - len(prompt))]
+    logits = next_logits(bytes(text), None)
+    while True:
+        token = sample(logits, allowed[:len(logits)], rng, sampling)
+        piece = encoder.id_bytes[token][:max_bytes - (len(text) - len(prompt))]
         text += piece
         if on_bytes is not None:
             on_bytes(piece)
-    return bytes(text[len(prompt):])
+        if len(text) - len(prompt) >= max_bytes:
+            return bytes(text[len(prompt):])
+        logits = next_logits(bytes(text), token)
+
+
+def generate(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig, compute_dtype: str,
+             sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
+    """At most `max_bytes` bytes continuing `prompt`, re-running the model on the context for each token."""
+    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, cast(p, compute_dtype))(batch))
+
+    def next_logits(text: bytes, token) -> np.ndarray:
+        batch, last = context_row(text, encoder, data)
+        return np.asarray(forward(params, batch)[0, last])
+
+    return _sample_text(next_logits, encoder, prompt, max_bytes, sampling, on_bytes)
 
 
 def generate_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig,
-                    compute_dtype: str, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                    on_bytes=None) -> bytes:
+                    compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
     """As `generate`, with caches: the same tokens while the text fits one row; when the cache
     is full, it starts again from the latest whole words that fit."""
     length = data.row_tokens
@@ -76,29 +97,20 @@ def generate_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, da
     prefill = jax.jit(lambda p, tokens_1xT: model(p).extend(tokens_1xT, jnp.arange(length)[None],
                                                            model(p).empty_cache(1, length)))
     step = jax.jit(lambda p, token_1x1, position_1x1, caches: model(p).extend(token_1x1, position_1x1, caches))
-    allowed = encoder.token_bytes > 0
-    rng = np.random.default_rng(seed)
-    text = bytearray(prompt)
+    state = {}
 
-    def start():
-        batch, last = context_row(bytes(text), encoder, data)
-        logits, caches = prefill(params, batch["tokens"])
-        return np.asarray(logits[0, last]), caches, last + 1
+    def next_logits(text: bytes, token) -> np.ndarray:
+        if token is None or state["position"] == length:
+            batch, last = context_row(text, encoder, data)
+            logits, state["caches"] = prefill(params, batch["tokens"])
+            state["position"] = last + 1
+            return np.asarray(logits[0, last])
+        position = np.array([[state["position"]]], np.int32)
+        logits, state["caches"] = step(params, np.array([[token]], np.int32), position, state["caches"])
+        state["position"] += 1
+        return np.asarray(logits[0, 0])
 
-    logits, caches, position = start()
-    while True:
-        token = sample(logits, allowed[:len(logits)], rng, temperature, top_p)
-        piece = encoder.id_bytes[token][:max_bytes - (len(text) - len(prompt))]
-        text += piece
-        if on_bytes is not None:
-            on_bytes(piece)
-        if len(text) - len(prompt) >= max_bytes:
-            return bytes(text[len(prompt):])
-        if position == length:
-            logits, caches, position = start()
-        else:
-            out, caches = step(params, np.array([[token]], np.int32), np.array([[position]], np.int32), caches)
-            logits, position = np.asarray(out[0, 0]), position + 1
+    return _sample_text(next_logits, encoder, prompt, max_bytes, sampling, on_bytes)
 
 
 class _HatDecoder:
@@ -172,22 +184,12 @@ class _HatDecoder:
 
 
 def generate_hat_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig,
-                        compute_dtype: str, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                        on_bytes=None) -> bytes:
+                        compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
     """As `generate`, for HAT, with caches (the same bytes while the text fits one row)."""
     state = _HatDecoder(graphdef, params, encoder, data, compute_dtype)
-    allowed = encoder.token_bytes > 0
-    rng = np.random.default_rng(seed)
-    text = bytearray(prompt)
-    logits = state.restart(bytes(text))
-    while True:
-        piece = encoder.id_bytes[sample(logits, allowed[:len(logits)], rng, temperature, top_p)]
-        piece = piece[:max_bytes - (len(text) - len(prompt))]
-        text += piece
-        if on_bytes is not None:
-            on_bytes(piece)
-        if len(text) - len(prompt) >= max_bytes:
-            return bytes(text[len(prompt):])
-        logits = state.advance(bytes(text))
-        if logits is None:
-            logits = state.restart(bytes(text))
+
+    def next_logits(text: bytes, token) -> np.ndarray:
+        logits = None if token is None else state.advance(text)
+        return state.restart(text) if logits is None else logits
+
+    return _sample_text(next_logits, encoder, prompt, max_bytes, sampling, on_bytes)
