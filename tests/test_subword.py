@@ -93,3 +93,11 @@ def test_subword_run_trains_keeps_its_tokenizer_and_scores_every_raw_byte(tmp_pa
     # One scored token per BPE id of every document (its BOS is context, not scored).
     ids = sum(len(encoding(config).document(source[i]).tokens) - 1 for i in range(len(source)))
     assert result["tokens"] == ids and result["bytes_per_token"] == result["bytes"] / ids > 1.5
+
+
+def test_unigram_bits_per_byte_by_hand():
+    from tools.unigram_bpb import unigram_bpb
+
+    # Train counts: a x3, b x1 (+1 smoothing each over a 4-symbol vocabulary: total 8).
+    bpb = unigram_bpb([b"aab", b"a"], [b"ab"], list, 4)
+    assert bpb == pytest.approx(-(math.log2(4 / 8) + math.log2(2 / 8)) / 2)
