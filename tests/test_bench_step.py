@@ -10,7 +10,7 @@ from tools import bench_step
 
 
 def test_step_benchmark_reports_consistent_figures(capsys):
-    result = bench_step.main([str(MICRO), "mesh.data=8", "train.batch_size=8", "--steps", "3", "--warmup", "1"])
+    result = bench_step.main([str(MICRO), "mesh.data=8", "--steps", "3", "--warmup", "1", "train.batch_size=8"])
     config = config_lib.load(MICRO)
     assert result["devices"] == 8 and len(result["step_seconds_all"]) == 3
     assert result["step_seconds"] == np.median(result["step_seconds_all"]) > 0

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--target", action="append", required=True)
     p.add_argument("--json", help="write the reports here")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     _fake_cpu_devices(args.target)
 
     from hiermodel import config as config_lib

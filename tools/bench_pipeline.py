@@ -19,7 +19,7 @@ def main(argv=None) -> None:
     p.add_argument("config", nargs="?", default="configs/tiny.yaml")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--batches", type=int, default=200)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     config = config_lib.load(args.config, args.overrides)
     source = open_train(config.data)
     iterator = iter(train_dataset(config.data, source, encoding(config).document, config.seed, config.train.batch_size))

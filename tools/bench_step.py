@@ -64,7 +64,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", help="write the result here")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     from hiermodel import config as config_lib
     from hiermodel.errors import UserError

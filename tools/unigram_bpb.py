@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--tokenizer", help="a BPE made by tools/train_tokenizer.py")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     from hiermodel import config as config_lib
     from hiermodel.data.documents import SubwordEncoding
