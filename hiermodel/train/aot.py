@@ -6,6 +6,8 @@ devices instead: parameter, optimizer and batch buffers are exact for any accele
 same mesh, temporaries are the CPU compiler's and only indicative.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +44,8 @@ def target_devices(target: str) -> list:
         return devices[:count]
     from jax.experimental import topologies
 
+    # Compiling touches no chip, so several processes may load libtpu at once (tests, parallel checks).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topology = TPU_SLICES.get(target, target)
     try:
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
