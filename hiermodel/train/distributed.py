@@ -32,3 +32,11 @@ def initialize(config: DistributedConfig) -> None:
     # CPU processes (tests, debugging) need a collectives backend; accelerators ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**arguments)
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Every process waits here: the coordination service's barrier, not a device collective."""
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed  # the client jax.distributed started
+
+        jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)

@@ -18,7 +18,9 @@ from hiermodel.eval.score import make_score_fn, score_source
 from hiermodel.data.documents import TOKENIZER_FILE, encoding
 from hiermodel.models.registry import check_kind, train_flops
 from hiermodel.train import state as state_lib
+from hiermodel.train.aot import batch_shapes
 from hiermodel.train.checkpoint import Checkpointer, open_run
+from hiermodel.train.distributed import barrier
 from hiermodel.train.metrics import MetricsWriter
 from hiermodel.train.sharding import batch_sharding, make_mesh, to_global
 from hiermodel.train.step import jit_train_step, optimizer, schedule
@@ -130,6 +132,12 @@ def train(config: Config, devices=None) -> dict:
                     f"{jax.device_count()} {jax.devices()[0].platform} devices")
 
         step_fn = jit_train_step(layout, tx, config, mesh)
+        if jax.process_count() > 1:
+            # All compile before any reaches the first collective: CPU (gloo) collectives connect
+            # on first use and give up after 30 s, which a process still compiling can miss.
+            step_fn = step_fn.lower(layout.abstract, batch_shapes(config, config.train.batch_size,
+                                                                  batch_sharding(mesh))).compile()
+            barrier("hiermodel: train step compiled")
         score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
         try:
             return _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer,
