@@ -10,13 +10,28 @@ does the same for HAT, stage by stage.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from hiermodel.config import DataConfig
 from hiermodel.data.packing import RowBuilder
 from hiermodel.train.step import cast
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(graphdef, compute_dtype: str, method: str, *constants):
+    """jit of `model.method(*args, *constants)` for (params, *args); kept per model object, so
+    that generating again with the same model compiles nothing (graph definitions hold their
+    config, which does not hash)."""
+    key = (id(graphdef), compute_dtype, method, constants)
+    if key not in _COMPILED or _COMPILED[key][0] is not graphdef:
+        def call(params, *args):
+            return getattr(nnx.merge(graphdef, cast(params, compute_dtype)), method)(*args, *constants)
+
+        _COMPILED[key] = (graphdef, jax.jit(call))
+    return _COMPILED[key][1]
 
 
 def context_row(data: bytes, encoder, config: DataConfig) -> tuple[dict, int]:
@@ -77,7 +92,7 @@ def _sample_text(next_logits, encoder, prompt: bytes, max_bytes: int, sampling: 
 def generate(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig, compute_dtype: str,
              sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
     """At most `max_bytes` bytes continuing `prompt`, re-running the model on the context for each token."""
-    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, cast(p, compute_dtype))(batch))
+    forward = _compiled(graphdef, compute_dtype, "__call__")
 
     def next_logits(text: bytes, token) -> np.ndarray:
         batch, last = context_row(text, encoder, data)
@@ -91,22 +106,21 @@ def generate_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, da
     """As `generate`, with caches: the same tokens while the text fits one row; when the cache
     is full, it starts again from the latest whole words that fit."""
     length = data.row_tokens
-    model = lambda p: nnx.merge(graphdef, cast(p, compute_dtype))
-    # The prefill always covers a whole row (one compilation); slots past the context hold keys
-    # no query can see, and each is overwritten when its position is decoded.
-    prefill = jax.jit(lambda p, tokens_1xT: model(p).extend(tokens_1xT, jnp.arange(length)[None],
-                                                           model(p).empty_cache(1, length)))
-    step = jax.jit(lambda p, token_1x1, position_1x1, caches: model(p).extend(token_1x1, position_1x1, caches))
+    extend = _compiled(graphdef, compute_dtype, "extend")
+    empty = _compiled(graphdef, compute_dtype, "empty_cache", 1, length)
     state = {}
 
     def next_logits(text: bytes, token) -> np.ndarray:
         if token is None or state["position"] == length:
+            # The prefill always covers a whole row (one compilation); slots past the context hold
+            # keys no query can see, each overwritten when its position is decoded.
             batch, last = context_row(text, encoder, data)
-            logits, state["caches"] = prefill(params, batch["tokens"])
+            logits, state["caches"] = extend(params, batch["tokens"], np.arange(length, dtype=np.int32)[None],
+                                              empty(params))
             state["position"] = last + 1
             return np.asarray(logits[0, last])
         position = np.array([[state["position"]]], np.int32)
-        logits, state["caches"] = step(params, np.array([[token]], np.int32), position, state["caches"])
+        logits, state["caches"] = extend(params, np.array([[token]], np.int32), position, state["caches"])
         state["position"] += 1
         return np.asarray(logits[0, 0])
 
@@ -121,13 +135,12 @@ class _HatDecoder:
     character, first split off as bytes of its own, may rejoin the previous word this way."""
 
     def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
-        model = lambda p: nnx.merge(graphdef, cast(p, compute_dtype))
         self.params, self.encoder, self.data = params, encoder, data
-        self._empty = jax.jit(lambda p: model(p).empty_caches(data.row_tokens, data.row_words))
-        self._encode = jax.jit(lambda p, *a: model(p).encode(*a))
-        self._summarise = jax.jit(lambda p, *a: model(p).summarise(*a))
-        self._decode = jax.jit(lambda p, *a: model(p).decode(*a))
-        self._first_word = np.asarray(jax.jit(lambda p: model(p).first_word[...])(params))
+        self._empty = _compiled(graphdef, compute_dtype, "empty_caches", data.row_tokens, data.row_words)
+        self._encode = _compiled(graphdef, compute_dtype, "encode")
+        self._summarise = _compiled(graphdef, compute_dtype, "summarise")
+        self._decode = _compiled(graphdef, compute_dtype, "decode")
+        self._first_word = np.asarray(cast(params["first_word"], compute_dtype))
 
     def restart(self, text: bytes) -> np.ndarray:
         """Start from the latest whole words of `text` that fit a row; logits of the next byte."""
