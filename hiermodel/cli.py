@@ -65,7 +65,7 @@ def cmd_eval(args) -> int:
     encoder = encoding(config)
     with jax.set_mesh(mesh):
         shardings = jax.tree.map(lambda p: p.sharding, params)
-        score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings)
+        score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings, args.deletion)
         batch_size = args.batch_size or max(jax.device_count(), 8)
         score = lambda docs: score_source(score_fn, params, docs, encoder.document, config.data, batch_size, mesh,
                                           progress=True, language_pattern=args.language_pattern or LANGUAGE)
@@ -85,6 +85,11 @@ def cmd_eval(args) -> int:
         for name, entry in rows:
             print(f"{name:<{width}}  {entry['bytes']:>12,}  {entry['bpb']:>7.4f}  {entry['bits_per_char']:>9.4f}  "
                   f"{entry['word_perplexity']:>10.2f}")
+        if "overflow_rate" in result:
+            by_language = "".join(f", {name} {entry['deletion_rate']:.1%}"
+                                  for name, entry in result["per_language"].items())
+            print(f"{args.deletion} deletion: {result['deletion_rate']:.1%} of gated positions deleted{by_language}; "
+                  f"overflow {result['overflow_rate']:.2%}")
         for name, noisy in result["perturbations"].items():
             print(f"{'perturbed ' + name:<{width}}  {noisy['bytes']:>12,}  {noisy['bpb']:>7.4f}  "
                   f"({noisy['degradation']:+.4f} bpb, against the clean bytes)")
@@ -164,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
                           help="also score seeded noisy text (swap, drop, insert, case, whitespace; "
                                "repeatable), in bits per clean byte")
     evaluate.add_argument("--perturb-seed", type=int, default=0)
+    evaluate.add_argument("--deletion", choices=("hard", "soft"), default="hard",
+                          help="a gated model: drop deleted positions (inference) or weight them (training)")
     evaluate.add_argument("--language-pattern",
                           help="regex whose first group is a path's language (default: a code starting "
                                "the file name, en_alice.txt -> en)")

@@ -10,6 +10,21 @@ from hiermodel.errors import UserError
 
 
 @dataclasses.dataclass
+class GateConfig:
+    """MrT5-style delete gate (REFERENCE.md section 2): `byte` gates bytes, `hat` gates words in its backbone."""
+
+    layer: int = 0  # > 0: the gate reads the output of this many layers of the gated stack; 0: no gate
+    k: float = -30.0  # gate values lie in (k, 0); a position is deleted below k / 2
+    bias: float = 1.0  # initial bias: gates start near k * sigmoid(-1), nothing deleted
+    target: float = 0.5  # deletion rate the controller holds
+    kp: float = 0.5  # PI controller gains of the regulariser weight alpha
+    ki: float = 1e-5
+    logit_cap: float = 10.0  # soft cap on attention logits after the gate; below |k| / 2 no logit outweighs a deletion
+    capacity_slack: float = 1.15  # hard deletion keeps ceil(N * (1 - target) * slack) positions
+    mode: str = "learned"  # or random: each position deleted with probability `target` (the baseline)
+
+
+@dataclasses.dataclass
 class ModelConfig:
     kind: str = "hat"  # hat, byte or subword
     encoder_layers: int = 2
@@ -33,6 +48,7 @@ class ModelConfig:
     remat: str = "none"  # recompute block activations in the backward pass: none, full or save_dots
     scan_layers: bool = False  # run each stack of layers as one lax.scan (fast compiles at depth)
     attention: str = "auto"  # xla, or cudnn (fused, GPU, bfloat16); auto: cudnn where it applies
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)
 
 
 @dataclasses.dataclass

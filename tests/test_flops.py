@@ -22,6 +22,8 @@ CASES = {
     "subword": {"model.kind": "subword", "model.vocab_size": 1024},
     "hat remat full": {"model.kind": "hat", "model.remat": "full"},
     "byte remat save_dots": {"model.kind": "byte", "model.remat": "save_dots"},
+    "byte gated": {"model.kind": "byte", "model.gate.layer": 1},
+    "hat gated": {"model.kind": "hat", "model.gate.layer": 1},
 }
 
 
@@ -31,7 +33,7 @@ def xla_flops(config, rows: int = 4) -> tuple[float, float]:
     tx = optimizer(config.train)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
-        step = jax.jit(make_train_step(layout.graphdef, tx, config.train, config.model.compute_dtype))
+        step = jax.jit(make_train_step(layout.graphdef, tx, config.train, config.model))
         train = step.lower(layout.abstract, batch_shapes(config, rows)).compile().cost_analysis()["flops"]
         score = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
         forward = score.lower(layout.abstract["params"], batch_shapes(config, rows)).compile().cost_analysis()["flops"]

@@ -22,10 +22,13 @@ def row(*documents: bytes, context_words: int = 0):
     return {k: v[None] for k, v in builder.finish().items()}
 
 
-@pytest.fixture(scope="module", params=["hat", "byte", "subword"])
+@pytest.fixture(scope="module", params=["hat", "byte", "subword", "hat gated", "byte gated"])
 def model(request):
-    # Byte ids are valid subword ids too, so the same rows exercise every kind.
-    return build(micro_config(**{"model.kind": request.param, "model.vocab_size": 512}).model, nnx.Rngs(0))
+    # Byte ids are valid subword ids too, so the same rows exercise every kind. Gated: soft
+    # deletion after the first layer of the gated stack, at its initial (unsaturated) values.
+    kind, _, gated = request.param.partition(" ")
+    overrides = {"model.kind": kind, "model.vocab_size": 512, "model.gate.layer": 1 if gated else 0}
+    return build(micro_config(**overrides).model, nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -15,17 +16,24 @@ from hiermodel.config import DataConfig
 from hiermodel.data.documents import Document
 from hiermodel.data.pipeline import scoring_batches
 from hiermodel.data.sources import DocumentSource
+from hiermodel.models import gates
 from hiermodel.text.words import split_words
 from hiermodel.train.sharding import batch_sharding, process_slice, to_global, to_host
 from hiermodel.train.step import cast, target_bytes, token_nats
 
 
-def make_score_fn(graphdef, compute_dtype: str, mesh, param_shardings):
-    """jit: (params, batch) -> -log2 p of each scored target, [B, T]."""
+def make_score_fn(graphdef, compute_dtype: str, mesh, param_shardings, deletion: str = "soft"):
+    """jit: (params, batch) -> {"bits": -log2 p of each scored target [B, T]}; a gated model
+    (deletion soft or hard) adds "deleted" and "gated" [B, N] over its gated positions (bytes or
+    words) and "overflow", the positions hard deletion meant to keep but had no room for."""
 
     def score(params, batch):
-        logits = nnx.merge(graphdef, cast(params, compute_dtype))(batch)
-        return token_nats(logits, batch) / math.log(2.0)
+        logits, stats = gates.forward(nnx.merge(graphdef, cast(params, compute_dtype)), batch, deletion)
+        scores = {"bits": token_nats(logits, batch) / math.log(2.0)}
+        if stats is not None:
+            scores.update(deleted=stats["valid"] & (stats["kept"] < 0.5), gated=stats["valid"],
+                          overflow=stats.get("overflow", jnp.zeros((), jnp.int32)))
+        return scores
 
     return jax.jit(score, in_shardings=(param_shardings, batch_sharding(mesh)))
 
@@ -70,9 +78,17 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
     """
     files = len(source.paths)
     bits, counts, tokens = np.zeros(files), np.zeros(files, np.int64), np.zeros(files, np.int64)
+    gated, deleted, overflow = np.zeros(files, np.int64), np.zeros(files, np.int64), 0
     started, rows = time.monotonic(), 0
     for batch in scoring_batches(data, source, to_document, batch_size, max_rows):
-        bits_BxT = to_host(score_fn(params, to_global(process_slice(batch), mesh)))
+        scores = score_fn(params, to_global(process_slice(batch), mesh))
+        bits_BxT = to_host(scores["bits"])
+        if "gated" in scores:
+            gated_BxN, deleted_BxN = to_host(scores["gated"]), to_host(scores["deleted"])
+            position_tags_BxN = _position_tags(batch, gated_BxN.shape[1])
+            gated += np.bincount(position_tags_BxN[gated_BxN], minlength=files)
+            deleted += np.bincount(position_tags_BxN[deleted_BxN], minlength=files)
+            overflow += int(to_host(scores["overflow"]))
         scored = batch["loss_mask"] > 0
         tags = batch["tags"][scored]
         bits += np.bincount(tags, weights=bits_BxT[scored].astype(np.float64), minlength=files)
@@ -96,6 +112,9 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
         chars, words = totals[:, 0].tolist(), totals[:, 1].tolist()
     per_source = [{"path": path, **_summary(b, n, k, c, w)}
                   for path, b, n, k, c, w in zip(source.paths, bits, counts, tokens, chars, words)]
+    if gated.any():
+        for entry, g, d in zip(per_source, gated, deleted):
+            entry.update(gated_positions=int(g), deleted_positions=int(d))
     languages: dict[str, list] = {}
     for entry in per_source:
         group = languages.setdefault(language_of(entry["path"], language_pattern), [])
@@ -104,8 +123,24 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
 
     def total(entries) -> dict:
         add = lambda key: sum(e[key] for e in entries)
-        return _summary(add("bits"), add("bytes"), add("tokens"), add("chars") if with_text else None,
-                        add("words") if with_text else None)
+        summary = _summary(add("bits"), add("bytes"), add("tokens"), add("chars") if with_text else None,
+                           add("words") if with_text else None)
+        if gated.any():
+            summary["deletion_rate"] = add("deleted_positions") / max(add("gated_positions"), 1)
+        return summary
 
-    return {**total(per_source), "per_source": per_source,
-            "per_language": {name: total(entries) for name, entries in sorted(languages.items())}}
+    result = {**total(per_source), "per_source": per_source,
+              "per_language": {name: total(entries) for name, entries in sorted(languages.items())}}
+    if gated.any():
+        result["overflow_rate"] = overflow / gated.sum()
+    return result
+
+
+def _position_tags(batch: dict, positions: int) -> np.ndarray:
+    """The source file of each gated position [B, N]: tokens' tags, or for words (HAT) the tag of
+    their bytes."""
+    if positions == batch["tags"].shape[1]:
+        return batch["tags"]
+    tags_BxW = np.zeros((batch["tags"].shape[0], positions + 1), batch["tags"].dtype)
+    np.put_along_axis(tags_BxW, np.minimum(batch["words"], positions), batch["tags"], axis=1)
+    return tags_BxW[:, :positions]

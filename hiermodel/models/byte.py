@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
+from hiermodel.models.gates import DeleteGate, gate_flops, run_gated
 from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
@@ -24,15 +25,24 @@ class TransformerLM(nnx.Module):
                   cfg.rope_theta, cfg.norm_eps, rngs, cfg.attention) for _ in range(cfg.backbone_layers)])
         self.norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
         self.head = param(rngs, (cfg.backbone_dim, vocab_size), ("embed", "vocab"))
+        if cfg.gate.layer:
+            self.gate = DeleteGate(cfg.backbone_dim, cfg.gate, cfg.norm_eps, rngs)
 
-    def __call__(self, batch: dict) -> jax.Array:
-        """Next-token logits [B, T, V]: position t predicts token t+1."""
+    def __call__(self, batch: dict, deletion: str = "soft", with_stats: bool = False):
+        """Next-token logits [B, T, V]: position t predicts token t+1. deletion: soft or hard, for
+        a gated model (with_stats: also return its statistics, or None)."""
         tokens_BxT, segments_BxT = batch["tokens"], batch["segments"]
         positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
-        x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window, remat=self.cfg.remat,
-                             scan=self.cfg.scan_layers)
-        return (self.norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+        stats = None
+        if self.cfg.gate.layer:
+            x_BxTxD, stats = run_gated(self.blocks, self.gate, x_BxTxD, tokens_BxT, positions_BxT, segments_BxT,
+                                       self.window, deletion, remat=self.cfg.remat, scan=self.cfg.scan_layers)
+        else:
+            x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window,
+                                 remat=self.cfg.remat, scan=self.cfg.scan_layers)
+        logits_BxTxV = (self.norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+        return (logits_BxTxV, stats) if with_stats else logits_BxTxV
 
     def empty_cache(self, batch: int, length: int) -> list[dict]:
         cfg = self.cfg
@@ -54,10 +64,18 @@ def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: in
                       recompute: str | None = None) -> int:
     """Matmul FLOPs of TransformerLM's forward over one row; with `recompute` (a model.remat
     value), only what the backward pass computes again."""
-    block = block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
-                        window, recompute)
-    head = 2 * length * cfg.backbone_dim * vocab_size if recompute is None else 0
-    return cfg.backbone_layers * block + head
+    return (stack_flops(cfg, length, window, recompute)
+            + (2 * length * cfg.backbone_dim * vocab_size if recompute is None else 0))
+
+
+def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | None = None) -> int:
+    """Matmul FLOPs of the backbone-shaped stack over `length` positions; with a gate, its layers
+    after the gate attend densely (soft deletion computes every position)."""
+    block = lambda w: block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
+                                  cfg.backbone_mlp_dim, w, recompute)
+    gated = cfg.backbone_layers - cfg.gate.layer if cfg.gate.layer else 0
+    gate = gate_flops(cfg.backbone_dim, length) if gated and recompute is None else 0
+    return (cfg.backbone_layers - gated) * block(window) + gated * block(0) + gate
 
 
 class ByteLM(TransformerLM):

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
+from hiermodel.models.byte import stack_flops
+from hiermodel.models.gates import DeleteGate, run_gated
 from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
@@ -80,13 +82,16 @@ class HAT(nnx.Module):
             Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
                   cfg.rope_theta, cfg.norm_eps, rngs, cfg.attention) for _ in range(cfg.backbone_layers)])
         self.backbone_norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
+        if cfg.gate.layer:
+            self.gate = DeleteGate(cfg.backbone_dim, cfg.gate, cfg.norm_eps, rngs)
         self.first_word = param(rngs, (cfg.backbone_dim,), ("embed",), fan_in=1)
         self.decoder = nnx.List([DecoderBlock(cfg, rngs) for _ in range(cfg.decoder_layers)])
         self.head_norm = RMSNorm(cfg.byte_dim, cfg.norm_eps)
         self.head = param(rngs, (cfg.byte_dim, VOCAB_SIZE), ("embed", "vocab"))
 
-    def __call__(self, batch: dict) -> jax.Array:
-        """Next-token logits [B, T, V]: position t predicts token t+1."""
+    def __call__(self, batch: dict, deletion: str = "soft", with_stats: bool = False):
+        """Next-token logits [B, T, V]: position t predicts token t+1. deletion: soft or hard, for
+        a model whose backbone has a gate over words (with_stats: also return its statistics, or None)."""
         cfg = self.cfg
         tokens_BxT, segments_BxT = batch["tokens"], batch["segments"]
         words_BxT, word_segments_BxW = batch["words"], batch["word_segments"]
@@ -100,8 +105,16 @@ class HAT(nnx.Module):
 
         words_BxWxDb = self.pool(h_BxTxD, words_BxT, num_words)
         word_positions_BxW = jnp.broadcast_to(jnp.arange(num_words), word_segments_BxW.shape)
-        words_BxWxDb = run_blocks(self.backbone, words_BxWxDb, word_positions_BxW, word_segments_BxW,
-                                  remat=cfg.remat, scan=cfg.scan_layers)
+        stats = None
+        if cfg.gate.layer:
+            # The random baseline is seeded by the words' byte counts, as words have no token ids.
+            lengths_BxW = _segment_op(jax.ops.segment_sum, jnp.ones_like(words_BxT), words_BxT, num_words + 1)
+            words_BxWxDb, stats = run_gated(self.backbone, self.gate, words_BxWxDb, lengths_BxW[:, :num_words],
+                                            word_positions_BxW, word_segments_BxW, 0, deletion, remat=cfg.remat,
+                                            scan=cfg.scan_layers)
+        else:
+            words_BxWxDb = run_blocks(self.backbone, words_BxWxDb, word_positions_BxW, word_segments_BxW,
+                                      remat=cfg.remat, scan=cfg.scan_layers)
         predictive_BxWxDb = self.backbone_norm(words_BxWxDb)
 
         # Byte t reads the summary of the word before its own; a segment's first word has none.
@@ -114,7 +127,8 @@ class HAT(nnx.Module):
 
         x_BxTxD = run_blocks(self.decoder, h_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT,
                              cfg.byte_window, remat=cfg.remat, scan=cfg.scan_layers)
-        return (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+        logits_BxTxV = (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+        return (logits_BxTxV, stats) if with_stats else logits_BxTxV
 
     # Incremental decoding (eval/generate.py): the three stages run separately with caches, one
     # document in one row: byte positions index the encoder and decoder caches, word positions
@@ -159,8 +173,7 @@ def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: 
     with `recompute` (a model.remat value), only what the backward pass computes again."""
     byte_block = block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
                              cfg.byte_window, recompute)
-    backbone = cfg.backbone_layers * block_flops(row_words, cfg.backbone_dim, cfg.backbone_heads,
-                                                 cfg.backbone_kv_heads, cfg.backbone_mlp_dim, 0, recompute)
+    backbone = stack_flops(cfg, row_words, 0, recompute)
     # Inside the decoder's blocks; a remat never recomputes it (its result only feeds a sum).
     conditioning = 2 * row_tokens * cfg.backbone_dim * cfg.byte_dim if recompute is None else 0
     blocks = (cfg.encoder_layers + cfg.decoder_layers) * byte_block + backbone + cfg.decoder_layers * conditioning

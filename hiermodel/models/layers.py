@@ -4,6 +4,8 @@ Parameters carry logical axis names in their `axes` metadata; train/sharding.py 
 the mesh. Layers compute in the dtype of their inputs; softmax and norms run in float32.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,6 +13,15 @@ from flax import nnx
 from hiermodel.train.sharding import constrain
 
 LOCAL_BLOCK = 64  # query block of sliding-window attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyGates:
+    """Delete-gate values of the keys, [B, T], added to the (capped) attention logits."""
+
+    values_BxT: jax.Array
+    cap: float = dataclasses.field(metadata={"static": True})
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, fan_in: int | None = None) -> nnx.Param:
@@ -52,10 +63,18 @@ def attention_mask(segments_BxT, window: int = 0):
     return same_BxTxT & allowed_TxT
 
 
-def _softmax_attend(logits, mask, values, out_spec: str):
-    logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    return jnp.einsum(out_spec, probs, values)
+def _softmax_attend(logits, mask, values, out_spec: str, extra_zero: bool = False):
+    """Masked softmax over the last axis, then the weighted values. extra_zero: softmax1, as if
+    one more key with logit 0 and a zero value were present, so attending to nothing is possible."""
+    if extra_zero:
+        logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+        top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), 0.0)
+        weights = jnp.exp(logits - top)
+        probs = weights / (weights.sum(axis=-1, keepdims=True) + jnp.exp(-top))
+    else:
+        logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum(out_spec, probs.astype(values.dtype), values)
 
 
 def _with_previous_blocks(x_BxNxCx, count: int, fill):
@@ -95,6 +114,23 @@ def dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: 
     logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxTxKxDh) * q_BxTxKxGxDh.shape[-1] ** -0.5
     mask = attention_mask(segments_BxT, window)[:, None, None]
     return _softmax_attend(logits, mask, v_BxTxKxDh, "bkgts,bskd->btkgd")
+
+
+def gated_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, positions_BxT, segments_BxT, window: int,
+                    gates: "KeyGates"):
+    """Attention after a delete gate: capped logits plus each key's gate value, softmax1.
+
+    Causality and the window follow positions, not indices, so it also runs on a compacted
+    sequence (hard deletion) whose kept entries keep their original positions.
+    """
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxTxKxDh) * q_BxTxKxGxDh.shape[-1] ** -0.5
+    logits = gates.cap * jnp.tanh(logits.astype(jnp.float32) / gates.cap)
+    logits += gates.values_BxT[:, None, None, None, :]
+    delta_BxTxT = positions_BxT[:, :, None] - positions_BxT[:, None, :]
+    mask_BxTxT = (delta_BxTxT >= 0) & (segments_BxT[:, :, None] == segments_BxT[:, None, :])
+    if window:
+        mask_BxTxT &= delta_BxTxT < window
+    return _softmax_attend(logits, mask_BxTxT[:, None, None], v_BxTxKxDh, "bkgts,bskd->btkgd", extra_zero=True)
 
 
 def fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, implementation: str):
@@ -144,17 +180,19 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (heads, head_dim, dim), ("heads", None, "embed"), fan_in=dim)
         self.theta, self.implementation = theta, implementation
 
-    def __call__(self, x_BxTxD, positions_BxT, segments_BxT, window: int = 0):
+    def __call__(self, x_BxTxD, positions_BxT, segments_BxT, window: int = 0, gates: "KeyGates | None" = None):
         q_BxTxHxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...]), positions_BxT, self.theta)
         k_BxTxKxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...]), positions_BxT, self.theta)
         v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...])
         b, t, h, dh = q_BxTxHxDh.shape
-        if resolve_attention(self.implementation, x_BxTxD.dtype) == "cudnn":
+        if gates is None and resolve_attention(self.implementation, x_BxTxD.dtype) == "cudnn":
             out = fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, "cudnn")
             return jnp.einsum("bthk,hkd->btd", out, self.wo[...])
         kv = k_BxTxKxDh.shape[2]
         q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, kv, h // kv, dh)
-        if uses_local_attention(t, window):
+        if gates is not None:
+            out = gated_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, positions_BxT, segments_BxT, window, gates)
+        elif uses_local_attention(t, window):
             out = local_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, LOCAL_BLOCK)
         else:
             out = dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
@@ -208,8 +246,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_dim, rngs)
 
-    def __call__(self, x_BxTxD, positions_BxT, segments_BxT, window: int = 0):
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segments_BxT, window)
+    def __call__(self, x_BxTxD, positions_BxT, segments_BxT, window: int = 0, gates: "KeyGates | None" = None):
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segments_BxT, window, gates)
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return constrain(x_BxTxD, ("batch", "length", None))
 

@@ -26,6 +26,16 @@ def check_kind(config: ModelConfig) -> None:
         raise UserError(f"model.vocab_size={config.vocab_size}: model.kind=subword needs the tokenizer's size")
     if config.remat not in ("none", *REMAT_POLICIES):
         raise UserError(f"model.remat={config.remat!r}: use none, {', '.join(REMAT_POLICIES)}")
+    gate = config.gate
+    if gate.layer and not 0 < gate.layer < config.backbone_layers:
+        raise UserError(f"model.gate.layer={gate.layer}: the gate needs at least one layer before and after it "
+                        f"(model.backbone_layers={config.backbone_layers})")
+    if gate.mode not in ("learned", "random"):
+        raise UserError(f"model.gate.mode={gate.mode!r}: use learned or random")
+    if not (gate.k < 0 and 0 <= gate.target < 1 and 0 < gate.logit_cap < -gate.k / 2 and gate.capacity_slack >= 1):
+        raise UserError(f"model.gate: need k < 0, 0 <= target < 1, 0 < logit_cap < -k/2 and capacity_slack >= 1 "
+                        f"(got k={gate.k}, target={gate.target}, logit_cap={gate.logit_cap}, "
+                        f"capacity_slack={gate.capacity_slack})")
     if config.attention not in ATTENTION_IMPLEMENTATIONS:
         raise UserError(f"model.attention={config.attention!r}: use {', '.join(ATTENTION_IMPLEMENTATIONS)}")
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import yaml
 
-from hiermodel.config import Config, to_dict
+from hiermodel.config import Config, from_dict, to_dict
 from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
@@ -115,7 +115,7 @@ def train(config: Config, devices=None) -> dict:
             state = checkpointer.restore(resume_step, layout.abstract, data_iterator)
         elif config.init_from:
             source_run, source_step, source_config = open_run(config.init_from)
-            if source_config["model"] != to_dict(config)["model"]:
+            if from_dict(source_config).model != config.model:
                 raise UserError(f"init_from={config.init_from}: its model config differs from this run's")
             writer.info(f"initialising weights from {config.init_from} step {source_step}")
             params = source_run.restore_params(source_step, layout.abstract["params"])
@@ -195,6 +195,12 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                     "words_per_s": window_words / elapsed, "flops_per_byte": flops / max(window_bytes, 1),
                     "mfu": flops / elapsed / peak, "train_flops": float(step_flops * done),
                 }
+                if "alpha" in m:
+                    positions = max(sum(float(x["positions"]) for _, x in fetched), 1.0)
+                    last_logged.update(
+                        deletion=sum(float(x["deleted"]) for _, x in fetched) / positions,
+                        deletion_soft=sum(float(x["deleted_soft"]) for _, x in fetched) / positions,
+                        alpha=float(m["alpha"]))
                 writer.write(done, last_logged)
                 writer.progress(done, last_logged)
                 window_bytes = window_words = window_steps = 0

@@ -58,6 +58,8 @@ class MetricsWriter:
         line = (f"step {step:>6}/{self.total_steps}  loss {metrics['loss']:.4f}  bpb {metrics['bpb']:.3f}  "
                 f"{format_rate(metrics['bytes_per_s'])}B/s  mfu {metrics['mfu']:.1%}  lr {metrics['lr']:.2e}  "
                 f"gnorm {metrics['grad_norm']:.2f}  eta {format_duration(eta) if done else '?'}")
+        if "alpha" in metrics:
+            line += f"  deleted {metrics['deletion']:.1%} (soft {metrics['deletion_soft']:.1%})  alpha {metrics['alpha']:.3g}"
         print(line, flush=True)
 
     def info(self, message: str) -> None:

@@ -58,19 +58,31 @@ def layout(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> Stat
                                    transform_non_params=lambda _: replicated)
     shardings = {"params": params_sh, "opt_state": opt_sh, "step": replicated}
     shapes = {"params": pure_params, "opt_state": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    if config.model.gate.layer:
+        shapes["gate"] = jax.eval_shape(_controller)
+        shardings["gate"] = jax.tree.map(lambda _: replicated, shapes["gate"])
     return StateLayout(graphdef, _with_shardings(shapes, shardings), shardings)
 
 
-def _step_zero(params, tx: optax.GradientTransformation) -> dict:
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+def _controller() -> dict:
+    """The delete gate's PI controller (train/step.py update_controller), checkpointed with the state."""
+    return {name: jnp.zeros((), jnp.float32) for name in ("alpha", "p", "i")}
+
+
+def _step_zero(params, tx: optax.GradientTransformation, gated: bool) -> dict:
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    return {**state, "gate": _controller()} if gated else state
 
 
 def initialize(config: Config, tx: optax.GradientTransformation, state_layout: StateLayout) -> dict:
     """A fresh train state, created directly in its shards."""
-    init = lambda: _step_zero(nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(config.seed)), nnx.Param)), tx)
+    gated = bool(config.model.gate.layer)
+    init = lambda: _step_zero(nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(config.seed)), nnx.Param)), tx,
+                              gated)
     return jax.jit(init, out_shardings=state_layout.shardings)()
 
 
 def with_params(params, tx: optax.GradientTransformation, state_layout: StateLayout) -> dict:
     """A train state at step 0 around given parameters (continued pretraining)."""
-    return jax.jit(lambda p: _step_zero(p, tx), out_shardings=state_layout.shardings)(params)
+    gated = "gate" in state_layout.shardings
+    return jax.jit(lambda p: _step_zero(p, tx, gated), out_shardings=state_layout.shardings)(params)

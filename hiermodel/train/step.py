@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hiermodel.config import TrainConfig
+from hiermodel.config import GateConfig, ModelConfig, TrainConfig
 from hiermodel.errors import UserError
+from hiermodel.models import gates
 from hiermodel.train.sharding import batch_sharding
 
 def schedule(config: TrainConfig) -> optax.Schedule:
@@ -59,29 +60,55 @@ def cast(params, dtype: str):
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainConfig,
-                    compute_dtype: str) -> Callable:
-    """state = {"params", "opt_state", "step"}; returns (new state, metrics)."""
+def update_controller(controller: dict, deletion_rate, cfg: GateConfig) -> dict:
+    """MrT5's PI controller: alpha rises while the batch deletes less than the target.
 
-    def loss_sum(params, microbatch):
+    Unlike MrT5 (which starts from a trained model) alpha may go negative: from scratch the
+    loss itself first favours deleting, as the layers after the gate are still noise, and a
+    regulariser that can only push toward deletion cannot hold the target from above.
+    """
+    error = cfg.target - deletion_rate
+    p = 0.9 * controller["p"] + 0.1 * cfg.kp * error
+    i = controller["i"] + cfg.ki * error
+    return {"alpha": p + i, "p": p, "i": i}
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainConfig,
+                    model_config: ModelConfig) -> Callable:
+    """state = {"params", "opt_state", "step"} and, with a delete gate, its controller "gate";
+    returns (new state, metrics)."""
+    compute_dtype, gates_config = model_config.compute_dtype, model_config.gate
+    gated = bool(gates_config.layer)
+
+    def loss_sum(params, microbatch, alpha):
+        """Summed nats, plus the gate regulariser alpha * mean(G) per target; (loss, (nats, gate counts))."""
         model = nnx.merge(graphdef, cast(params, compute_dtype))
-        return token_nats(model(microbatch), microbatch).sum()
+        logits, stats = gates.forward(model, microbatch)
+        nats = token_nats(logits, microbatch).sum()
+        if stats is None:
+            return nats, (nats, {})
+        counts = gates.deletion_counts(stats, gates_config.k)
+        mean_gate = (stats["gates"] * stats["valid"]).sum() / jnp.maximum(counts["positions"], 1.0)
+        return nats + alpha * mean_gate * microbatch["loss_mask"].sum(), (nats, counts)
 
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
         targets = batch["loss_mask"].sum()
         accum = config.grad_accum
+        alpha = state["gate"]["alpha"] if gated else 0.0
+        gradient = jax.value_and_grad(loss_sum, has_aux=True)
         if accum == 1:
-            nats, grads = jax.value_and_grad(loss_sum)(state["params"], batch)
+            (_, (nats, counts)), grads = gradient(state["params"], batch, alpha)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def accumulate(carry, microbatch):
-                nats, grads = carry
-                mb_nats, mb_grads = jax.value_and_grad(loss_sum)(state["params"], microbatch)
-                return (nats + mb_nats, jax.tree.map(jnp.add, grads, mb_grads)), None
+                (_, mb_aux), mb_grads = gradient(state["params"], microbatch, alpha)
+                aux, grads = carry
+                return (jax.tree.map(jnp.add, aux, mb_aux), jax.tree.map(jnp.add, grads, mb_grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state["params"])
-            (nats, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+            empty = (jnp.zeros((), jnp.float32), gates.deletion_counts(None, 0.0) if gated else {})
+            ((nats, counts), grads), _ = jax.lax.scan(accumulate, (empty, zeros), micro)
         denominator = jnp.maximum(targets, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         # Frozen parts: no gradient (so none in the clipping norm), and their weights kept as they are.
@@ -99,14 +126,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
             "param_norm": optax.tree.norm(params),
             "targets": targets,
             "words": (batch["word_segments"] > 0).sum(),
+            **counts,
         }
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if gated:
+            new_state["gate"] = update_controller(state["gate"], counts["deleted"] / counts["positions"], gates_config)
+            metrics["alpha"] = state["gate"]["alpha"]
+        return new_state, metrics
 
     return train_step
 
 
 def jit_train_step(layout, tx: optax.GradientTransformation, config, mesh):
     """The train step jitted with the state's shardings, a batch-sharded batch and the state donated."""
-    step = make_train_step(layout.graphdef, tx, config.train, config.model.compute_dtype)
+    step = make_train_step(layout.graphdef, tx, config.train, config.model)
     return jax.jit(step, in_shardings=(layout.shardings, batch_sharding(mesh)),
                    out_shardings=(layout.shardings, None), donate_argnums=0)

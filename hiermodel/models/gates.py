@@ -1,0 +1,123 @@
+"""MrT5-style delete gates (REFERENCE.md section 2) for any causal stack of Blocks.
+
+A gate after layer l scores every position: G = k * sigmoid(-(w . norm(h) + b)), in (k, 0).
+Layers after it see G added to the logits of each key (soft deletion, training), or run only
+on the positions with G > k / 2, compacted to a static capacity (hard deletion, inference).
+Either way every position still gets an output for the loss: its own layer-l state plus the
+deep update (final - layer-l state) of the last kept position, so the two modes agree when
+gates saturate.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hiermodel.config import GateConfig
+from hiermodel.models.layers import KeyGates, RMSNorm, param, run_blocks
+
+DELETION_MODES = ("soft", "hard")
+
+
+class DeleteGate(nnx.Module):
+    def __init__(self, dim: int, cfg: GateConfig, eps: float, rngs: nnx.Rngs):
+        self.norm = RMSNorm(dim, eps)
+        self.w = param(rngs, (dim, 1), ("embed", None))
+        self.b = nnx.Param(jnp.full((1,), cfg.bias, jnp.float32), axes=(None,))
+        self.cfg = cfg
+
+    def __call__(self, h_BxNxD, tokens_BxN, keep_BxN, valid_BxN):
+        """Gate values [B, N] in float32: 0 where a position must stay (keep), k on padding."""
+        k = self.cfg.k
+        if self.cfg.mode == "random":
+            # Seeded by the content, so every batch deletes different positions at the same rate.
+            key = jax.random.fold_in(jax.random.key(0), jnp.sum(tokens_BxN * (jnp.arange(tokens_BxN.shape[1]) + 1)))
+            deleted_BxN = jax.random.uniform(key, tokens_BxN.shape) < self.cfg.target
+            gates_BxN = jnp.where(deleted_BxN, k, 0.0)
+        else:
+            score_BxN = (self.norm(h_BxNxD) @ self.w[...].astype(h_BxNxD.dtype))[..., 0].astype(jnp.float32)
+            gates_BxN = k * jax.nn.sigmoid(-(score_BxN + self.b[...][0]))
+        return jnp.where(valid_BxN, jnp.where(keep_BxN, 0.0, gates_BxN), k)
+
+
+def capacity(length: int, cfg: GateConfig) -> int:
+    """Positions hard deletion keeps per row: the target's share with some slack."""
+    return min(length, math.ceil(length * (1.0 - cfg.target) * cfg.capacity_slack))
+
+
+def _carry_last_kept(kept_BxN, update_BxNxD):
+    """Each position's update becomes a kept-weighted running mix: kept 1 takes its own, kept 0
+    repeats the previous (a causal copy of the last kept position's update when kept is 0 or 1)."""
+    decay_BxNx1 = (1.0 - kept_BxN)[..., None].astype(update_BxNxD.dtype)
+    fresh_BxNxD = kept_BxN[..., None].astype(update_BxNxD.dtype) * update_BxNxD
+
+    def combine(earlier, later):
+        (a1, b1), (a2, b2) = earlier, later
+        return a1 * a2, a2 * b1 + b2
+
+    return jax.lax.associative_scan(combine, (decay_BxNx1, fresh_BxNxD), axis=1)[1]
+
+
+def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segments_BxN, window: int,
+              deletion: str, remat: str = "none", scan: bool = False):
+    """The stack with a delete gate after layer gate.cfg.layer. Segment starts are always kept,
+    so the carried update never crosses documents. Returns the output and the gate's statistics."""
+    cfg = gate.cfg
+    if deletion not in DELETION_MODES:
+        raise ValueError(f"deletion={deletion!r}: use soft or hard")
+    h_BxNxD = run_blocks(blocks[:cfg.layer], x_BxNxD, positions_BxN, segments_BxN, window, remat=remat, scan=scan)
+    valid_BxN = segments_BxN > 0
+    starts_BxN = segments_BxN != jnp.pad(segments_BxN[:, :-1], ((0, 0), (1, 0)))
+    gates_BxN = gate(h_BxNxD, tokens_BxN, starts_BxN & valid_BxN, valid_BxN)
+    later = blocks[cfg.layer:]
+    if deletion == "soft":
+        deep_BxNxD = run_blocks(later, h_BxNxD, positions_BxN, segments_BxN, window,
+                                KeyGates(gates_BxN.astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
+        kept_BxN = 1.0 - gates_BxN / cfg.k
+        update_BxNxD = _carry_last_kept(kept_BxN, deep_BxNxD - h_BxNxD)
+        stats = {"kept": kept_BxN, "gates": gates_BxN, "valid": valid_BxN}
+        return h_BxNxD + update_BxNxD, stats
+
+    # Hard: the top-C passing positions in their original order; the rest are skipped.
+    n, c = segments_BxN.shape[1], capacity(segments_BxN.shape[1], cfg)
+    passing_BxN = valid_BxN & (gates_BxN > cfg.k / 2)
+    score_BxN = jnp.where(passing_BxN, gates_BxN, -jnp.inf)
+    top_BxC = jax.lax.top_k(score_BxN, c)[1]
+    # Kept positions first, in their original order: slot i holds the i-th kept position.
+    order_BxC = jnp.sort(jnp.where(jnp.take_along_axis(passing_BxN, top_BxC, axis=1), top_BxC, n + top_BxC), axis=-1)
+    chosen_BxC, top_BxC = order_BxC < n, order_BxC % n
+    take = lambda a: jnp.take_along_axis(a, top_BxC.reshape(top_BxC.shape + (1,) * (a.ndim - 2)), axis=1)
+    compact_BxCxD = take(h_BxNxD)
+    segments_BxC = jnp.where(chosen_BxC, take(segments_BxN), -1)  # unused slots see only each other
+    deep_BxCxD = run_blocks(later, compact_BxCxD, take(positions_BxN), segments_BxC, window,
+                            KeyGates(take(gates_BxN).astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
+    update_BxCxD = jnp.where(chosen_BxC[..., None], deep_BxCxD - compact_BxCxD, 0)
+    kept_BxN = jax.vmap(lambda k, i, c: k.at[i].max(c))(jnp.zeros_like(valid_BxN), top_BxC, chosen_BxC)
+    # Position t reads slot (number of kept positions up to t) - 1; before any, no update.
+    slot_BxN = jnp.cumsum(kept_BxN, axis=1) - 1
+    carried_BxNxD = jnp.take_along_axis(update_BxCxD, jnp.maximum(slot_BxN, 0)[..., None], axis=1)
+    update_BxNxD = jnp.where((slot_BxN >= 0)[..., None], carried_BxNxD, 0)
+    stats = {"kept": kept_BxN.astype(jnp.float32), "gates": gates_BxN, "valid": valid_BxN,
+             "overflow": (passing_BxN & ~kept_BxN).sum(), "capacity": jnp.float32(c / n)}
+    return h_BxNxD + update_BxNxD, stats
+
+
+def gate_flops(dim: int, length: int) -> int:
+    return 2 * dim * length
+
+
+def forward(model: nnx.Module, batch: dict, deletion: str = "soft"):
+    """(logits, gate statistics or None for an ungated model) of one forward."""
+    return model(batch, deletion=deletion, with_stats=True)
+
+
+def deletion_counts(stats: dict | None, k: float) -> dict:
+    """Sums over a batch: gated positions, deleted ones (G below k / 2, what hard deletion drops),
+    and the soft deletion G / k. With stats None, zeros of the same structure."""
+    if stats is None:
+        return {name: jnp.zeros((), jnp.float32) for name in ("positions", "deleted", "deleted_soft")}
+    valid_BxN = stats["valid"]
+    return {"positions": valid_BxN.sum().astype(jnp.float32),
+            "deleted": ((stats["gates"] <= k / 2) & valid_BxN).sum().astype(jnp.float32),
+            "deleted_soft": ((stats["gates"] / k) * valid_BxN).sum()}
