@@ -91,3 +91,66 @@ def test_bad_gate_settings_are_rejected():
                                ({"model.gate.mode": "fixed"}, "learned or random")]:
         with pytest.raises(UserError, match=message):
             check_kind(micro_config(**{"model.kind": "byte", "model.gate.layer": 1, **overrides}).model)
+
+
+def train_gated(run_dir, steps: int, corpus=None, **overrides):
+    from hiermodel.train.loop import train
+
+    data = {"data.train": f"{corpus}/en_*", "data.eval": f"{corpus}/en_*", "data.chunk_bytes": 4000,
+            "data.holdout": 0.02} if corpus else {}
+    config = micro_config(**{"model.kind": "byte", "model.gate.layer": 1, "run_dir": run_dir, "train.steps": steps,
+                             "train.learning_rate": 3e-3, "train.warmup_steps": 10, "train.log_every": 1,
+                             **data, **overrides})
+    train(config)
+    return config
+
+
+def test_the_controller_holds_the_target_rate_and_a_learned_gate_beats_random_deletion(tmp_path, corpus):
+    from hiermodel.data.documents import encoding
+    from hiermodel.data.sources import open_split
+    from hiermodel.eval.score import make_score_fn, score_source
+    from hiermodel.train import state as state_lib
+    from hiermodel.train.checkpoint import Checkpointer
+    from hiermodel.train.metrics import read_metrics
+    from hiermodel.train.sharding import make_mesh
+
+    config = train_gated(str(tmp_path / "run"), 160, corpus, **{"model.gate.target": 0.3})
+    logged = read_metrics(tmp_path / "run")
+    realised = np.mean([logged[s]["deletion"] for s in range(121, 161)])
+    assert abs(realised - 0.3) < 0.1, f"deleted {realised:.1%} over the last 40 steps, target 30%"
+
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    source = open_split(config.data, "eval")
+    with jax.set_mesh(mesh):
+        graphdef, abstract = state_lib.abstract_params(config, mesh)
+        checkpointer = Checkpointer(tmp_path / "run", read_only=True)
+        params = checkpointer.restore_params(160, abstract)
+        checkpointer.close()
+
+        def hard_score(model_config):
+            graph, _ = nnx.split(build(model_config, nnx.Rngs(0)))
+            score_fn = make_score_fn(graph, "float32", mesh, jax.tree.map(lambda p: p.sharding, params), "hard")
+            return score_source(score_fn, params, source, encoding(config).document, config.data, 8, mesh, max_rows=32)
+
+        learned = hard_score(config.model)
+        config.model.gate.mode, config.model.gate.target = "random", learned["deletion_rate"]
+        random = hard_score(config.model)
+    assert abs(random["deletion_rate"] - learned["deletion_rate"]) < 0.03
+    assert learned["bpb"] < random["bpb"] - 0.05, (learned["bpb"], random["bpb"])
+    del graphdef
+
+
+def test_a_resumed_gated_run_continues_the_controller_exactly(tmp_path):
+    import shutil
+
+    from hiermodel.train.metrics import read_metrics
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_gated(str(straight), 8, **{"train.checkpoint_every": 4})
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "8")  # as if killed after the checkpoint of step 4
+    train_gated(str(resumed), 8, **{"train.checkpoint_every": 4})
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert a[8]["alpha"] != 0.0
+    assert [a[s]["alpha"] for s in range(5, 9)] == [b[s]["alpha"] for s in range(5, 9)]
+    assert [a[s]["loss"] for s in range(5, 9)] == [b[s]["loss"] for s in range(5, 9)]
