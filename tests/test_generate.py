@@ -15,9 +15,15 @@ from hiermodel.models.registry import build
 from tests.conftest import MICRO, micro_config
 
 
-@pytest.fixture(scope="module")
-def byte_model():
-    config = micro_config(**{"model.kind": "byte"})  # byte_window 48: the uncached forward is block-local
+# Gated: hard deletion of about half the positions (untrained gates with bias 0), and a target
+# of 0 so the full forward's capacity holds every position (the cache has no capacity).
+GATED = {"model.gate.layer": 1, "model.gate.bias": 0.0, "model.gate.target": 0.0}
+
+
+@pytest.fixture(scope="module", params=["plain", "gated"])
+def byte_model(request):
+    # byte_window 48: the uncached forward is block-local
+    config = micro_config(**{"model.kind": "byte", **(GATED if request.param == "gated" else {})})
     graphdef, params = nnx.split(build(config.model, nnx.Rngs(0)))
     return config, graphdef, nnx.to_pure_dict(params)
 
@@ -26,7 +32,7 @@ def test_cached_logits_equal_the_full_forward(byte_model):
     config, graphdef, params = byte_model
     model = nnx.merge(graphdef, params)
     tokens_1xT = jax.random.randint(jax.random.PRNGKey(1), (1, 200), 0, 256)
-    full = model({"tokens": tokens_1xT, "segments": jnp.ones_like(tokens_1xT)})
+    full = model({"tokens": tokens_1xT, "segments": jnp.ones_like(tokens_1xT)}, deletion="hard")
     positions = jnp.arange(200)[None]
     caches = model.empty_cache(1, config.data.row_tokens)
     head, caches = model.extend(tokens_1xT[:, :150], positions[:, :150], caches)
@@ -35,6 +41,9 @@ def test_cached_logits_equal_the_full_forward(byte_model):
         out, caches = model.extend(tokens_1xT[:, t:t + 1], positions[:, t:t + 1], caches)
         pieces.append(out)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
+    if config.model.gate.layer:  # the deletions matter: soft deletion gives other logits
+        soft = model({"tokens": tokens_1xT, "segments": jnp.ones_like(tokens_1xT)}, deletion="soft")
+        assert not np.allclose(soft, full, atol=1e-3)
 
 
 def test_cached_greedy_generation_equals_uncached(byte_model):
@@ -54,9 +63,9 @@ def test_cached_generation_continues_past_a_full_row(byte_model):
     assert len(out) == 120 and b"".join(pieces) == out
 
 
-@pytest.fixture(scope="module")
-def hat_model():
-    config = micro_config()
+@pytest.fixture(scope="module", params=["plain", "gated"])
+def hat_model(request):
+    config = micro_config(**(GATED if request.param == "gated" else {}))
     graphdef, params = nnx.split(build(config.model, nnx.Rngs(0)))
     return config, graphdef, nnx.to_pure_dict(params)
 
@@ -66,7 +75,7 @@ def test_hat_cached_logits_follow_the_full_forward_byte_by_byte(hat_model):
     incremental state gives the logits of re-running the whole model on it."""
     config, graphdef, params = hat_model
     encoder = ByteEncoding(config.data.max_word_bytes)
-    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, p)(batch))
+    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, p)(batch, deletion="hard"))
     state = _HatDecoder(graphdef, params, encoder, config.data, "float32")
     text = "Die Katze saß; 日本語のテキスト, café!".encode()
     for end in range(4, len(text) + 1):

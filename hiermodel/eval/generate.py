@@ -92,7 +92,7 @@ def _sample_text(next_logits, encoder, prompt: bytes, max_bytes: int, sampling: 
 def generate(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig, compute_dtype: str,
              sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
     """At most `max_bytes` bytes continuing `prompt`, re-running the model on the context for each token."""
-    forward = _compiled(graphdef, compute_dtype, "__call__")
+    forward = _compiled(graphdef, compute_dtype, "__call__", "hard")  # gated models delete as at inference
 
     def next_logits(text: bytes, token) -> np.ndarray:
         batch, last = context_row(text, encoder, data)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
-from hiermodel.models.gates import DeleteGate, gate_flops, run_gated
+from hiermodel.models.gates import DeleteGate, empty_gated_caches, extend_gated, gate_flops, run_gated
 from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
@@ -46,17 +46,23 @@ class TransformerLM(nnx.Module):
 
     def empty_cache(self, batch: int, length: int) -> list[dict]:
         cfg = self.cfg
-        return [empty_cache(batch, length, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
-                            self.embed[...].dtype) for _ in range(cfg.backbone_layers)]
+        caches = [empty_cache(batch, length, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
+                              self.embed[...].dtype) for _ in range(cfg.backbone_layers)]
+        return empty_gated_caches(caches, cfg.gate.layer, cfg.backbone_dim) if cfg.gate.layer else caches
 
     def extend(self, tokens_BxS, positions_BxS, caches: list[dict]):
         """Next-token logits of S new tokens at the given positions, attending to the caches
-        (incremental decoding); returns the logits [B, S, V] and the updated caches."""
+        (incremental decoding, hard deletion for a gated model); returns the logits [B, S, V]
+        and the updated caches."""
         x_BxSxD = jnp.take(self.embed[...], tokens_BxS, axis=0)
-        updated = []
-        for block, cache in zip(self.blocks, caches):
-            x_BxSxD, cache = block.extend(x_BxSxD, positions_BxS, cache, self.window)
-            updated.append(cache)
+        if self.cfg.gate.layer:
+            x_BxSxD, updated = extend_gated(self.blocks, self.gate, x_BxSxD, tokens_BxS, positions_BxS, caches,
+                                            self.window)
+        else:
+            updated = []
+            for block, cache in zip(self.blocks, caches):
+                x_BxSxD, cache = block.extend(x_BxSxD, positions_BxS, cache, self.window)
+                updated.append(cache)
         return (self.norm(x_BxSxD) @ self.head[...]).astype(jnp.float32), updated
 
 

@@ -46,9 +46,10 @@ def capacity(length: int, cfg: GateConfig) -> int:
     return min(length, math.ceil(length * (1.0 - cfg.target) * cfg.capacity_slack))
 
 
-def _carry_last_kept(kept_BxN, update_BxNxD):
+def _carry_last_kept(kept_BxN, update_BxNxD, initial_BxD=None):
     """Each position's update becomes a kept-weighted running mix: kept 1 takes its own, kept 0
-    repeats the previous (a causal copy of the last kept position's update when kept is 0 or 1)."""
+    repeats the previous (a causal copy of the last kept position's update when kept is 0 or 1).
+    initial_BxD: the update carried in from before the first position."""
     decay_BxNx1 = (1.0 - kept_BxN)[..., None].astype(update_BxNxD.dtype)
     fresh_BxNxD = kept_BxN[..., None].astype(update_BxNxD.dtype) * update_BxNxD
 
@@ -56,7 +57,8 @@ def _carry_last_kept(kept_BxN, update_BxNxD):
         (a1, b1), (a2, b2) = earlier, later
         return a1 * a2, a2 * b1 + b2
 
-    return jax.lax.associative_scan(combine, (decay_BxNx1, fresh_BxNxD), axis=1)[1]
+    decay_BxNx1, carried_BxNxD = jax.lax.associative_scan(combine, (decay_BxNx1, fresh_BxNxD), axis=1)
+    return carried_BxNxD if initial_BxD is None else carried_BxNxD + decay_BxNx1 * initial_BxD[:, None]
 
 
 def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segments_BxN, window: int,
@@ -101,6 +103,42 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     stats = {"kept": kept_BxN.astype(jnp.float32), "gates": gates_BxN, "valid": valid_BxN,
              "overflow": (passing_BxN & ~kept_BxN).sum(), "capacity": jnp.float32(c / n)}
     return h_BxNxD + update_BxNxD, stats
+
+
+def empty_gated_caches(caches: list[dict], layer: int, dim: int) -> list[dict]:
+    """Key/value caches of a gated stack for extend_gated: the layers after the gate also keep
+    their keys' gate values, and the first of them each position's carried update."""
+    caches = [dict(c) for c in caches]
+    b, length = caches[0]["k"].shape[:2]
+    for cache in caches[layer:]:
+        cache["gate"] = jnp.zeros((b, length), jnp.float32)
+    caches[layer]["update"] = jnp.zeros((b, length, dim), caches[0]["k"].dtype)
+    return caches
+
+
+def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, caches: list[dict], window: int):
+    """Hard deletion for incremental decoding: S new positions (one document per row, position 0
+    its start) through the stack with caches. A deleted position's key is invisible to every
+    later query (gate value -inf) and its output carries the last kept position's update: the
+    same outputs as a hard-deletion forward with no overflow."""
+    cfg = gate.cfg
+    caches = list(caches)
+    for i in range(cfg.layer):
+        x_BxSxD, caches[i] = blocks[i].extend(x_BxSxD, positions_BxS, caches[i], window)
+    gates_BxS = gate(x_BxSxD, tokens_BxS, positions_BxS == 0, jnp.ones_like(positions_BxS, bool))
+    kept_BxS = gates_BxS > cfg.k / 2
+    key_gates = KeyGates(jnp.where(kept_BxS, gates_BxS, -jnp.inf), cfg.logit_cap)
+    deep_BxSxD = x_BxSxD
+    for i in range(cfg.layer, len(blocks)):
+        deep_BxSxD, caches[i] = blocks[i].extend(deep_BxSxD, positions_BxS, caches[i], window, key_gates)
+    store = caches[cfg.layer]
+    start_B = positions_BxS[:, 0]
+    before_BxD = jnp.take_along_axis(store["update"], jnp.maximum(start_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    initial_BxD = jnp.where((start_B > 0)[:, None], before_BxD, 0)
+    update_BxSxD = _carry_last_kept(kept_BxS, deep_BxSxD - x_BxSxD, initial_BxD)
+    write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), at, 0))
+    caches[cfg.layer] = {**store, "update": write(store["update"], update_BxSxD, start_B)}
+    return x_BxSxD + update_BxSxD, caches
 
 
 def gate_flops(dim: int, length: int) -> int:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from hiermodel.config import ModelConfig
 from hiermodel.models.byte import stack_flops
-from hiermodel.models.gates import DeleteGate, run_gated
+from hiermodel.models.gates import DeleteGate, empty_gated_caches, extend_gated, run_gated
 from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
@@ -137,9 +137,12 @@ class HAT(nnx.Module):
     def empty_caches(self, row_tokens: int, row_words: int) -> dict:
         cfg, dtype = self.cfg, self.embed[...].dtype
         byte_cache = lambda: empty_cache(1, row_tokens, cfg.byte_kv_heads, cfg.byte_dim // cfg.byte_heads, dtype)
+        backbone = [empty_cache(1, row_words, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads, dtype)
+                    for _ in self.backbone]
+        if cfg.gate.layer:
+            backbone = empty_gated_caches(backbone, cfg.gate.layer, cfg.backbone_dim)
         return {"encoder": [byte_cache() for _ in self.encoder], "decoder": [byte_cache() for _ in self.decoder],
-                "backbone": [empty_cache(1, row_words, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
-                                         dtype) for _ in self.backbone]}
+                "backbone": backbone}
 
     def encode(self, tokens_1xS, positions_1xS, caches: dict):
         """Encoder states of S new bytes, [1, S, Db]."""
@@ -153,8 +156,12 @@ class HAT(nnx.Module):
         """Predictive embeddings [1, S, Dw] of S complete words (each word's byte states padded to M)."""
         ids_SxM = (jnp.arange(h_SxMxD.shape[1]) >= lengths_S[:, None]).astype(jnp.int32)  # 1: padding
         words_1xSxD = self.pool(h_SxMxD, ids_SxM, 1)[:, 0][None]
-        for i, block in enumerate(self.backbone):
-            words_1xSxD, caches["backbone"][i] = block.extend(words_1xSxD, positions_1xS, caches["backbone"][i])
+        if self.cfg.gate.layer:
+            words_1xSxD, caches["backbone"] = extend_gated(self.backbone, self.gate, words_1xSxD, lengths_S[None],
+                                                           positions_1xS, caches["backbone"], 0)
+        else:
+            for i, block in enumerate(self.backbone):
+                words_1xSxD, caches["backbone"][i] = block.extend(words_1xSxD, positions_1xS, caches["backbone"][i])
         return self.backbone_norm(words_1xSxD), caches
 
     def decode(self, h_1xSxD, predictive_1xSxDw, positions_1xS, caches: dict):

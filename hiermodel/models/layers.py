@@ -198,15 +198,18 @@ class Attention(nnx.Module):
             out = dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh), self.wo[...])
 
-    def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0):
+    def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0, gates: "KeyGates | None" = None):
         """Attention of S new positions (one document, each row at its own positions) over the
-        cache and themselves; returns the output and the cache with their keys and values."""
+        cache and themselves; returns the output and the cache with their keys and values (and,
+        after a delete gate, their gate values: -inf for a hard-deleted key)."""
         q_BxSxHxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wq[...]), positions_BxS, self.theta)
         k_BxSxKxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wk[...]), positions_BxS, self.theta)
         v_BxSxKxDh = jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wv[...])
         write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, 0))
-        cache = {"k": write(cache["k"], k_BxSxKxDh, positions_BxS[:, 0]),
+        cache = {**cache, "k": write(cache["k"], k_BxSxKxDh, positions_BxS[:, 0]),
                  "v": write(cache["v"], v_BxSxKxDh, positions_BxS[:, 0])}
+        if gates is not None:
+            cache["gate"] = write(cache["gate"], gates.values_BxT.astype(jnp.float32), positions_BxS[:, 0])
         b, s, h, dh = q_BxSxHxDh.shape
         kv = cache["k"].shape[2]
         slots_L = jnp.arange(cache["k"].shape[1])
@@ -214,8 +217,10 @@ class Attention(nnx.Module):
         allowed_BxSxL = (delta_BxSxL >= 0) & ((delta_BxSxL < window) if window else True)
         q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, kv, h // kv, dh)
         logits = jnp.einsum("btkgd,bskd->bkgts", q_BxSxKxGxDh, cache["k"].astype(q_BxSxHxDh.dtype)) * dh ** -0.5
+        if gates is not None:
+            logits = gates.cap * jnp.tanh(logits.astype(jnp.float32) / gates.cap) + cache["gate"][:, None, None, None]
         out = _softmax_attend(logits, allowed_BxSxL[:, None, None], cache["v"].astype(q_BxSxHxDh.dtype),
-                              "bkgts,bskd->btkgd")
+                              "bkgts,bskd->btkgd", extra_zero=gates is not None)
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, s, h, dh), self.wo[...]), cache
 
 
@@ -251,9 +256,9 @@ class Block(nnx.Module):
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return constrain(x_BxTxD, ("batch", "length", None))
 
-    def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0):
+    def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0, gates: "KeyGates | None" = None):
         """The block over S new positions with a key/value cache (incremental decoding)."""
-        attended, cache = self.attn.extend(self.attn_norm(x_BxSxD), positions_BxS, cache, window)
+        attended, cache = self.attn.extend(self.attn_norm(x_BxSxD), positions_BxS, cache, window, gates)
         x_BxSxD = x_BxSxD + attended
         return x_BxSxD + self.mlp(self.mlp_norm(x_BxSxD)), cache
 
