@@ -80,9 +80,14 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
     bits, counts, tokens = np.zeros(files), np.zeros(files, np.int64), np.zeros(files, np.int64)
     gated, deleted, overflow = np.zeros(files, np.int64), np.zeros(files, np.int64), 0
     started, rows = time.monotonic(), 0
+    steady_since, steady_bytes = None, 0  # throughput from the second batch on: no compilation
     for batch in scoring_batches(data, source, to_document, batch_size, max_rows):
         scores = score_fn(params, to_global(process_slice(batch), mesh))
         bits_BxT = to_host(scores["bits"])
+        if steady_since is None:
+            steady_since = time.monotonic()
+        else:
+            steady_bytes += int(target_bytes(batch).sum())
         if "gated" in scores:
             gated_BxN, deleted_BxN = to_host(scores["gated"]), to_host(scores["deleted"])
             position_tags_BxN = _position_tags(batch, gated_BxN.shape[1])
@@ -99,6 +104,7 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
             elapsed = time.monotonic() - started
             print(f"scored {counts.sum():,} bytes in {elapsed:.0f}s ({counts.sum() / max(elapsed, 1e-9) / 1e3:.1f} KB/s)",
                   end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+    finished = time.monotonic()
     if progress and jax.process_index() == 0 and sys.stderr.isatty():
         print(file=sys.stderr)
     chars = words = [None] * files
@@ -133,6 +139,8 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
               "per_language": {name: total(entries) for name, entries in sorted(languages.items())}}
     if gated.any():
         result["overflow_rate"] = overflow / gated.sum()
+    if steady_bytes:
+        result["bytes_per_s"] = steady_bytes / (finished - steady_since)
     return result
 
 
