@@ -89,7 +89,8 @@ def cmd_eval(args) -> int:
             by_language = "".join(f", {name} {entry['deletion_rate']:.1%}"
                                   for name, entry in result["per_language"].items())
             print(f"{args.deletion} deletion: {result['deletion_rate']:.1%} of gated positions deleted{by_language}; "
-                  f"overflow {result['overflow_rate']:.2%}")
+                  f"overflow {result['overflow_rate']:.2%}; the layers after the gate ran on "
+                  f"{result['positions_after_gate']:.1%} of the positions")
         for name, noisy in result["perturbations"].items():
             print(f"{'perturbed ' + name:<{width}}  {noisy['bytes']:>12,}  {noisy['bpb']:>7.4f}  "
                   f"({noisy['degradation']:+.4f} bpb, against the clean bytes)")

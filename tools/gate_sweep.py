@@ -48,16 +48,17 @@ def _score(config, deletion: str) -> dict:
 
 def markdown(results: list[dict]) -> str:
     languages = sorted(results[0]["hard"]["per_language"])
-    lines = ["| run | target | bpb (hard) | bpb (soft) | deleted (hard) | deleted (soft) | overflow | "
+    lines = ["| run | target | bpb (hard) | bpb (soft) | deleted (hard) | deleted (soft) | overflow | positions after gate | "
              + " | ".join(f"deleted {lang}" for lang in languages) + " | eval bytes/s (hard) | eval bytes/s (soft) |",
-             "|---" * (9 + len(languages)) + "|"]
+             "|---" * (10 + len(languages)) + "|"]
     for r in results:
         hard, soft = r["hard"], r["soft"]
         rate = lambda entry: f"{entry['deletion_rate']:.1%}" if "deletion_rate" in entry else "-"
         per_language = " | ".join(rate(hard["per_language"][lang]) for lang in languages)
         overflow = f"{hard['overflow_rate']:.2%}" if "overflow_rate" in hard else "-"
+        computed = f"{hard['positions_after_gate']:.1%}" if "positions_after_gate" in hard else "100%"
         lines.append(f"| {r['name']} | {r['target']} | {hard['bpb']:.4f} | {soft['bpb']:.4f} | {rate(hard)} | "
-                     f"{rate(soft)} | {overflow} | {per_language} | {hard['bytes_per_s']:,.0f} | "
+                     f"{rate(soft)} | {overflow} | {computed} | {per_language} | {hard['bytes_per_s']:,.0f} | "
                      f"{soft['bytes_per_s']:,.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -25,14 +25,16 @@ from hiermodel.train.step import cast, target_bytes, token_nats
 def make_score_fn(graphdef, compute_dtype: str, mesh, param_shardings, deletion: str = "soft"):
     """jit: (params, batch) -> {"bits": -log2 p of each scored target [B, T]}; a gated model
     (deletion soft or hard) adds "deleted" and "gated" [B, N] over its gated positions (bytes or
-    words) and "overflow", the positions hard deletion meant to keep but had no room for."""
+    words), "overflow", the positions hard deletion meant to keep but had no room for, and
+    "computed", the share of positions the layers after the gate run on."""
 
     def score(params, batch):
         logits, stats = gates.forward(nnx.merge(graphdef, cast(params, compute_dtype)), batch, deletion)
         scores = {"bits": token_nats(logits, batch) / math.log(2.0)}
         if stats is not None:
             scores.update(deleted=stats["valid"] & (stats["kept"] < 0.5), gated=stats["valid"],
-                          overflow=stats.get("overflow", jnp.zeros((), jnp.int32)))
+                          overflow=stats.get("overflow", jnp.zeros((), jnp.int32)),
+                          computed=stats.get("capacity", jnp.ones((), jnp.float32)))
         return scores
 
     return jax.jit(score, in_shardings=(param_shardings, batch_sharding(mesh)))
@@ -78,7 +80,7 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
     """
     files = len(source.paths)
     bits, counts, tokens = np.zeros(files), np.zeros(files, np.int64), np.zeros(files, np.int64)
-    gated, deleted, overflow = np.zeros(files, np.int64), np.zeros(files, np.int64), 0
+    gated, deleted, overflow, computed = np.zeros(files, np.int64), np.zeros(files, np.int64), 0, 1.0
     started, rows = time.monotonic(), 0
     steady_since, steady_bytes = None, 0  # throughput from the second batch on: no compilation
     for batch in scoring_batches(data, source, to_document, batch_size, max_rows):
@@ -94,6 +96,7 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
             gated += np.bincount(position_tags_BxN[gated_BxN], minlength=files)
             deleted += np.bincount(position_tags_BxN[deleted_BxN], minlength=files)
             overflow += int(to_host(scores["overflow"]))
+            computed = float(to_host(scores["computed"]))
         scored = batch["loss_mask"] > 0
         tags = batch["tags"][scored]
         bits += np.bincount(tags, weights=bits_BxT[scored].astype(np.float64), minlength=files)
@@ -138,7 +141,8 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
     result = {**total(per_source), "per_source": per_source,
               "per_language": {name: total(entries) for name, entries in sorted(languages.items())}}
     if gated.any():
-        result["overflow_rate"] = overflow / gated.sum()
+        # What the layers after the gate compute per row, as a share of its positions.
+        result["overflow_rate"], result["positions_after_gate"] = overflow / gated.sum(), computed
     if steady_bytes:
         result["bytes_per_s"] = steady_bytes / (finished - steady_since)
     return result
