@@ -4,7 +4,6 @@ It reads the `backbone_*` sizes of the model config and `byte_window` (0: full c
 within a document); the word arrays of a batch are ignored.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
