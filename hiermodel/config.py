@@ -28,7 +28,7 @@ class GateConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: str = "hat"  # hat, byte or subword
+    kind: str = "hat"  # hat, byte, subword, or eiw (a transformer over Equal-Info windows)
     encoder_layers: int = 2
     decoder_layers: int = 2
     byte_dim: int = 128  # width of the byte encoder and decoder
@@ -45,6 +45,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     vocab_size: int = 0  # subword: the tokenizer's size (BOS and the 256 bytes included)
+    window_bits: int = 16  # eiw: bits per Equal-Info window of the compressed shards (W)
+    window_token_bits: int = 16  # eiw: bits per token, W (one token per window) or a divisor such as 8
+    m1: str = ""  # eiw: the run directory of M1, the byte model whose coder made the shards
     tokenizer: str = ""  # subword: a file made by tools/train_tokenizer.py
     compute_dtype: str = "float32"  # or bfloat16; parameters always stay float32
     remat: str = "none"  # recompute block activations in the backward pass: none, full or save_dots

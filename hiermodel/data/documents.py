@@ -83,7 +83,12 @@ def tokenizer_path(config: Config) -> Path:
     return Path(config.model.tokenizer)
 
 
-def encoding(config: Config) -> ByteEncoding | SubwordEncoding:
+def encoding(config: Config):
+    """The kind's documents: ByteEncoding, SubwordEncoding, or for eiw compress.shards.WindowEncoding."""
+    if config.model.kind == "eiw":
+        from hiermodel.compress.shards import WindowEncoding
+
+        return WindowEncoding(config.model.window_bits, config.model.window_token_bits)
     if config.model.kind != "subword":
         return ByteEncoding(config.data.max_word_bytes)
     if not config.model.tokenizer:

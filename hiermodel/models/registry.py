@@ -9,13 +9,14 @@ from flax import nnx
 
 from hiermodel.config import ModelConfig
 from hiermodel.errors import UserError
-from hiermodel.models import byte, hat, subword
+from hiermodel.models import byte, eiw, hat, subword
 from hiermodel.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 KINDS = {
     "hat": (hat.HAT, hat.forward_flops),
     "byte": (byte.ByteLM, byte.forward_flops),
     "subword": (subword.SubwordLM, subword.forward_flops),
+    "eiw": (eiw.WindowLM, eiw.forward_flops),
 }
 
 
@@ -26,6 +27,11 @@ def check_kind(config: ModelConfig) -> None:
         raise UserError(f"model.vocab_size={config.vocab_size}: model.kind=subword needs the tokenizer's size")
     if config.remat not in ("none", *REMAT_POLICIES):
         raise UserError(f"model.remat={config.remat!r}: use none, {', '.join(REMAT_POLICIES)}")
+    if config.kind == "eiw" and not (16 <= config.window_bits <= 32 and config.window_token_bits in (8, 16, 32)
+                                     and config.window_bits % config.window_token_bits == 0
+                                     and config.window_token_bits <= 16):
+        raise UserError(f"model.window_bits={config.window_bits}, model.window_token_bits={config.window_token_bits}: "
+                        "windows of 16 to 32 bits, as tokens of 8 or 16 bits that divide them")
     gate = config.gate
     if gate.layer and not 0 < gate.layer < config.backbone_layers:
         raise UserError(f"model.gate.layer={gate.layer}: the gate needs at least one layer before and after it "

@@ -66,6 +66,9 @@ def validate(config: Config, mesh) -> None:
     if t.batch_size % (t.grad_accum * jax.process_count()) or (t.batch_size // t.grad_accum) % shards:
         raise UserError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                         f"microbatches divisible by the {shards} batch shards and {jax.process_count()} processes")
+    if config.model.kind == "eiw" and config.data.row_words < config.data.row_tokens:
+        raise UserError(f"model.kind=eiw: every window token is a word of its own, so data.row_words="
+                        f"{config.data.row_words} must be at least data.row_tokens={config.data.row_tokens}")
     if config.model.compute_dtype not in ("float32", "bfloat16"):
         raise UserError(f"model.compute_dtype={config.model.compute_dtype!r}: use float32 or bfloat16")
     if t.schedule not in ("cosine", "wsd"):

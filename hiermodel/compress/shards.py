@@ -1,0 +1,92 @@
+"""Compressed documents on disk: one ArrayRecord record per document, its Equal-Info windows.
+
+A record is a small header (magic, format version, window bits W, window count) followed by the
+window codewords (uint32) and the raw bytes each window covers (uint16), little-endian. M2 reads
+the records as documents (WindowEncoding); decompression reads them back with M1.
+"""
+
+import dataclasses
+import struct
+
+import numpy as np
+
+from hiermodel.data.documents import Document
+from hiermodel.errors import UserError
+
+MAGIC = b"EIW"
+VERSION = 1
+_HEADER = struct.Struct("<3sBBI")  # magic, version, window bits, windows
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowRecord:
+    window_bits: int
+    windows: np.ndarray  # uint32 codewords, each < 2**window_bits
+    window_bytes: np.ndarray  # raw bytes each window covers
+
+
+def pack(record: WindowRecord) -> bytes:
+    n = len(record.windows)
+    if len(record.window_bytes) != n:
+        raise ValueError(f"{n} windows but {len(record.window_bytes)} byte counts")
+    return (_HEADER.pack(MAGIC, VERSION, record.window_bits, n)
+            + record.windows.astype("<u4").tobytes() + record.window_bytes.astype("<u2").tobytes())
+
+
+def unpack(data: bytes, where: str = "record") -> WindowRecord:
+    """The record, or a clear error naming `where` for anything that is not one."""
+    if len(data) < _HEADER.size:
+        raise UserError(f"{where}: not an Equal-Info-Window record (made by hiermodel compress): too short")
+    magic, version, bits, n = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise UserError(f"{where}: not an Equal-Info-Window record (made by hiermodel compress)")
+    if version != VERSION:
+        raise UserError(f"{where}: window record format {version}; this hiermodel reads format {VERSION}")
+    if len(data) != _HEADER.size + 6 * n:
+        raise UserError(f"{where}: truncated window record ({len(data)} bytes for {n} windows)")
+    windows = np.frombuffer(data, "<u4", n, _HEADER.size).astype(np.uint32)
+    window_bytes = np.frombuffer(data, "<u2", n, _HEADER.size + 4 * n).astype(np.int32)
+    if n and int(windows.max()) >> bits:
+        raise UserError(f"{where}: a window codeword does not fit in {bits} bits")
+    return WindowRecord(bits, windows, window_bytes)
+
+
+def window_tokens(windows: np.ndarray, window_bits: int, token_bits: int) -> np.ndarray:
+    """Windows as tokens of token_bits: one each, or window_bits / token_bits each, high bits first."""
+    per_window = window_bits // token_bits
+    shifts = token_bits * np.arange(per_window - 1, -1, -1, dtype=np.uint64)
+    pieces = (windows.astype(np.uint64)[:, None] >> shifts) & ((1 << token_bits) - 1)
+    return pieces.reshape(-1).astype(np.int32)
+
+
+def tokens_to_windows(tokens: np.ndarray, window_bits: int, token_bits: int) -> np.ndarray:
+    """The inverse of window_tokens for whole windows (a trailing partial window is dropped)."""
+    per_window = window_bits // token_bits
+    whole = len(tokens) - len(tokens) % per_window
+    pieces = tokens[:whole].astype(np.uint64).reshape(-1, per_window)
+    shifts = token_bits * np.arange(per_window - 1, -1, -1, dtype=np.uint64)
+    return (pieces << shifts).sum(axis=1).astype(np.uint32)
+
+
+class WindowEncoding:
+    """Documents of the `eiw` kind: a compressed record's windows as tokens after BOS; the first
+    token of each window carries its raw bytes, so bits per byte stay bits over raw UTF-8."""
+
+    def __init__(self, window_bits: int, token_bits: int):
+        if window_bits % token_bits:
+            raise UserError(f"model.window_token_bits={token_bits} does not divide model.window_bits={window_bits}")
+        self.window_bits, self.token_bits = window_bits, token_bits
+        self.bos_id = 1 << token_bits
+        self.vocab_size = self.bos_id + 2  # the window tokens, BOS, one reserved id
+
+    def document(self, data: bytes) -> Document:
+        record = unpack(data)
+        if record.window_bits != self.window_bits:
+            raise UserError(f"a window record of {record.window_bits}-bit windows, but model.window_bits="
+                            f"{self.window_bits}")
+        tokens = window_tokens(record.windows, self.window_bits, self.token_bits)
+        per_window = self.window_bits // self.token_bits
+        token_bytes = np.zeros(len(tokens), np.int32)
+        token_bytes[::per_window] = record.window_bytes
+        return Document(np.concatenate([[self.bos_id], tokens]).astype(np.int32),
+                        np.concatenate([[0], token_bytes]).astype(np.int32), np.ones(len(tokens) + 1, np.int32))
