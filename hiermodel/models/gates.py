@@ -4,8 +4,8 @@ A gate after layer l scores every position: G = k * sigmoid(-(w . norm(h) + b)),
 Layers after it see G added to the logits of each key (soft deletion, training), or run only
 on the positions with G > k / 2, compacted to a static capacity (hard deletion, inference).
 Either way every position still gets an output for the loss: its own layer-l state plus the
-deep update (final - layer-l state) of the last kept position, so the two modes agree when
-gates saturate.
+deep update (final - layer-l state) of the last kept position (the soft mode's carry is hard
+in the forward pass, soft in the backward), so the two modes agree when gates saturate.
 """
 
 import math
@@ -77,7 +77,12 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
         deep_BxNxD = run_blocks(later, h_BxNxD, positions_BxN, segments_BxN, window,
                                 KeyGates(gates_BxN.astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
         kept_BxN = 1.0 - gates_BxN / cfg.k
-        update_BxNxD = _carry_last_kept(kept_BxN, deep_BxNxD - h_BxNxD)
+        # The carry is hard in the forward pass, as at inference, with the soft weight's gradient
+        # (straight through): a half-open gate must not pass half a deep update that hard
+        # deletion would then take away.
+        hard_BxN = (gates_BxN > cfg.k / 2).astype(kept_BxN.dtype)
+        carried_BxN = kept_BxN + jax.lax.stop_gradient(hard_BxN - kept_BxN)
+        update_BxNxD = _carry_last_kept(carried_BxN, deep_BxNxD - h_BxNxD)
         stats = {"kept": kept_BxN, "gates": gates_BxN, "valid": valid_BxN}
         return h_BxNxD + update_BxNxD, stats
 
