@@ -1,4 +1,4 @@
-"""hiermodel train | eval | generate | info."""
+"""hiermodel train | eval | generate | compare | compress | decompress | info."""
 
 import argparse
 import json
@@ -152,6 +152,50 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _documents(args) -> list[bytes]:
+    """The documents of `compress`: all of INPUT, or one side of its holdout split."""
+    from hiermodel.config import DataConfig
+    from hiermodel.data.sources import DocumentSource, open_split
+
+    data = DataConfig(separator=args.separator, jsonl_field=args.jsonl_field, chunk_bytes=args.chunk_bytes,
+                      holdout=args.holdout)
+    if args.split == "all":
+        source = DocumentSource(args.inputs, data.separator, data.jsonl_field, data.chunk_bytes)
+    else:
+        if args.holdout <= 0:
+            raise UserError(f"--split {args.split} needs --holdout > 0")
+        source = open_split(data, args.split, args.inputs)
+    return [source[i] for i in range(len(source))]
+
+
+def cmd_compress(args) -> int:
+    from hiermodel.compress.files import compress
+
+    if args.shards < 1 or args.batch_size < 1 or args.segment_bytes < 1:
+        raise UserError("--shards, --batch-size and --segment-bytes must be positive")
+    summary = compress(args.m1, _documents(args), args.output, args.window_bits, args.shards, args.batch_size,
+                       args.segment_bytes)
+    print(f"{summary['documents']:,} documents, {summary['bytes_in']:,} bytes in, {summary['windows_out']:,} "
+          f"{summary['window_bits']}-bit windows out: {summary['bytes_per_window']:.3f} bytes per window, "
+          f"{summary['bits_per_byte']:.4f} bits per byte; {summary['bytes_per_s'] / 1e3:.1f} KB/s -> {args.output}")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    import os
+
+    from hiermodel.compress.files import decompress
+
+    summary, documents = decompress(args.m1, args.input, args.batch_size)
+    output = Path(args.output)
+    partial = output.with_name(output.name + ".partial")
+    partial.write_bytes(b"".join(documents))
+    os.replace(partial, output)
+    print(f"{len(documents):,} documents, {summary['bytes_in']:,} bytes restored from {summary['windows_out']:,} "
+          f"windows; {summary['decode_bytes_per_s'] / 1e3:.1f} KB/s -> {output}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hiermodel", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,6 +249,30 @@ def parser() -> argparse.ArgumentParser:
                       help="also report each model's degradation under this noise (repeatable)")
     comp.add_argument("--perturb-seed", type=int, default=0)
     comp.set_defaults(run=cmd_compare)
+
+    packer = sub.add_parser("compress", help="code documents into Equal-Info-Window shards with an M1 byte model")
+    packer.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, globs, JSONL")
+    packer.add_argument("--m1", required=True, help="run directory of a byte model (model.kind=byte)")
+    packer.add_argument("--output", required=True, help="directory for the shards and summary.json")
+    packer.add_argument("--window-bits", type=int, default=16, help="bits per window, 16 to 32")
+    packer.add_argument("--shards", type=int, default=1)
+    packer.add_argument("--batch-size", type=int, default=512, help="rows coded at once")
+    packer.add_argument("--segment-bytes", type=int, default=512,
+                        help="documents are coded in independent pieces of at most this many bytes")
+    packer.add_argument("--separator", default="", help="split text files into documents on this string")
+    packer.add_argument("--jsonl-field", default="text")
+    packer.add_argument("--chunk-bytes", type=int, default=0, help="cut documents at line ends into pieces of at most this")
+    packer.add_argument("--holdout", type=float, default=0.0, help="as data.holdout: the share held out by content hash")
+    packer.add_argument("--split", choices=("all", "train", "eval"), default="all",
+                        help="with --holdout, compress only that side (the same documents as a run's data split)")
+    packer.set_defaults(run=cmd_compress)
+
+    decomp = sub.add_parser("decompress", help="restore the bytes of Equal-Info-Window shards exactly")
+    decomp.add_argument("input", metavar="DIR", help="a directory written by hiermodel compress")
+    decomp.add_argument("--m1", required=True, help="the M1 run directory that compressed it")
+    decomp.add_argument("--output", required=True, help="file for the documents' bytes, in order")
+    decomp.add_argument("--batch-size", type=int, default=512)
+    decomp.set_defaults(run=cmd_decompress)
 
     info = sub.add_parser("info", help="build a config's model abstractly and count its parameters")
     info.add_argument("config")

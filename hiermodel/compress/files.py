@@ -1,0 +1,120 @@
+"""Compressing documents into window shards with M1, and back (hiermodel compress / decompress).
+
+A shard directory holds ArrayRecord shards of window records (document i is record i // n of
+shard i % n) and summary.json: the counts, and the fingerprint of the integer M1 that coded
+them. M1's integers live in its run directory (m1_integer.npz, made once), so compressor and
+decompressor always use the very same model.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from hiermodel.compress import shards, windows
+from hiermodel.compress.integer_lm import IntegerLM, IntegerPredictor
+from hiermodel.errors import UserError
+
+INTEGER_M1_FILE = "m1_integer.npz"
+SUMMARY_FILE = "summary.json"
+
+
+def integer_m1(run_dir: str) -> IntegerLM:
+    """The run's integer M1: quantised and saved on first use, loaded after that."""
+    path = Path(run_dir) / INTEGER_M1_FILE
+    if not path.exists():
+        model = IntegerLM.from_run(run_dir)
+        partial = path.with_name(path.name + ".partial")
+        model.save(partial)
+        os.replace(partial, path)
+    return IntegerLM.load(path)
+
+
+class _Progress:
+    def __init__(self, total: int, verb: str):
+        self.total, self.verb, self.started = total, verb, time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(f"{self.verb} {done:,}/{self.total:,} bytes ({done / elapsed / 1e3:.1f} KB/s)", end=end,
+              file=sys.stderr, flush=True)
+
+
+def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window_bits: int = 16,
+             num_shards: int = 1, batch_size: int = 512, segment_bytes: int = 512, devices=None) -> dict:
+    """Code `documents` into window shards in `output`; returns the summary it writes."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    model = integer_m1(m1_run)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    total = sum(map(len, documents))
+    started = time.monotonic()
+    records = windows.encode_documents(IntegerPredictor(model, devices), documents, window_bits, batch_size,
+                                       segment_bytes, _Progress(total, "compressed"))
+    seconds = time.monotonic() - started
+    paths = [output / f"windows-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
+    partial = [p.with_name(p.name + ".partial") for p in paths]
+    writers = [ArrayRecordWriter(str(p), "group_size:1") for p in partial]
+    try:
+        for index, record in enumerate(records):
+            writers[index % num_shards].write(shards.pack(record))
+    finally:
+        for writer in writers:
+            writer.close()
+    for tmp, final in zip(partial, paths):
+        os.replace(tmp, final)
+    summary = windows.summarize(records, window_bits)
+    result = {"documents": len(documents), "bytes_in": summary.bytes_in, "windows_out": summary.windows_out,
+              "bytes_per_window": summary.bytes_per_window, "bits_per_byte": summary.bits_per_byte,
+              "window_bits": window_bits, "shards": [p.name for p in paths], "m1_run": str(m1_run),
+              "m1_fingerprint": model.fingerprint(), "seconds": seconds, "bytes_per_s": total / max(seconds, 1e-9)}
+    (output / SUMMARY_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def read_summary(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / SUMMARY_FILE
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"{shard_dir}: not a window shard directory (no {SUMMARY_FILE}; made by hiermodel compress)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_records(shard_dir: str | Path) -> tuple[dict, list[shards.WindowRecord]]:
+    """The summary and every document's window record, in the order they were compressed."""
+    from grain.sources import ArrayRecordDataSource
+
+    shard_dir = Path(shard_dir)
+    summary = read_summary(shard_dir)
+    sources = []
+    for name in summary["shards"]:
+        if not (shard_dir / name).exists():
+            raise UserError(f"{shard_dir / name}: missing (listed in {SUMMARY_FILE})")
+        sources.append(ArrayRecordDataSource([str(shard_dir / name)]))
+    n = len(sources)
+    records = [shards.unpack(sources[i % n][i // n], f"{shard_dir / summary['shards'][i % n]} record {i // n}")
+               for i in range(summary["documents"])]
+    return summary, records
+
+
+def decompress(m1_run: str, shard_dir: str | Path, batch_size: int = 512, devices=None) -> tuple[dict, list[bytes]]:
+    """(summary with the decoding time, every document's bytes); an undecodable window or an M1
+    other than the one that compressed is an error naming it."""
+    summary, records = read_records(shard_dir)
+    model = integer_m1(m1_run)
+    if model.fingerprint() != summary["m1_fingerprint"]:
+        raise UserError(f"{m1_run}: its integer M1 ({model.fingerprint()[:12]}) is not the one that compressed "
+                        f"{shard_dir} ({summary['m1_fingerprint'][:12]}, from {summary['m1_run']})")
+    started = time.monotonic()
+    decoded = windows.decode_documents(IntegerPredictor(model, devices), [r.windows for r in records],
+                                       summary["window_bits"], batch_size,
+                                       _Progress(summary["bytes_in"], "decompressed"))
+    documents = windows.require_decodable(decoded)
+    seconds = time.monotonic() - started
+    return {**summary, "decode_seconds": seconds, "decode_bytes_per_s": summary["bytes_in"] / max(seconds, 1e-9)}, documents
