@@ -59,6 +59,9 @@ def cmd_eval(args) -> int:
 
     perturbations = [Perturbation.parse(spec) for spec in args.perturb]
     config, mesh, graphdef, params = _load_run(args.checkpoint)
+    if perturbations and config.model.kind == "eiw":
+        raise UserError(f"{args.checkpoint}: --perturb changes text, and an eiw model reads compressed windows; "
+                        "compress perturbed text with hiermodel compress instead")
     source = open_split(config.data, "eval", args.data, args.group_field) if args.held_out else DocumentSource(
         args.data, config.data.separator, config.data.jsonl_field, config.data.chunk_bytes,
         group_field=args.group_field)
@@ -68,7 +71,8 @@ def cmd_eval(args) -> int:
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings, args.deletion)
         batch_size = args.batch_size or max(jax.device_count(), 8)
         score = lambda docs: score_source(score_fn, params, docs, encoder.document, config.data, batch_size, mesh,
-                                          progress=True, language_pattern=args.language_pattern or LANGUAGE)
+                                          progress=True, language_pattern=args.language_pattern or LANGUAGE,
+                                          text=config.model.kind != "eiw")
         result = score(source)
         result["perturbations"] = {}
         for perturbation in perturbations:
@@ -83,8 +87,9 @@ def cmd_eval(args) -> int:
         width = max(len(name) for name, _ in rows)
         print(f"{'source':<{width}}  {'bytes':>12}  {'bpb':>7}  {'bits/char':>9}  {'word ppl':>10}")
         for name, entry in rows:
-            print(f"{name:<{width}}  {entry['bytes']:>12,}  {entry['bpb']:>7.4f}  {entry['bits_per_char']:>9.4f}  "
-                  f"{entry['word_perplexity']:>10.2f}")
+            per_text = (f"{entry['bits_per_char']:>9.4f}  {entry['word_perplexity']:>10.2f}" if "bits_per_char" in entry
+                        else f"{'-':>9}  {'-':>10}")
+            print(f"{name:<{width}}  {entry['bytes']:>12,}  {entry['bpb']:>7.4f}  {per_text}")
         if "overflow_rate" in result:
             by_language = "".join(f", {name} {entry['deletion_rate']:.1%}"
                                   for name, entry in result["per_language"].items())

@@ -70,10 +70,11 @@ def _summary(bits: float, n_bytes: int, tokens: int, chars: int | None, words: i
 
 def score_source(score_fn, params, source: DocumentSource, to_document: Callable[[bytes], Document],
                  data: DataConfig, batch_size: int, mesh, max_rows: int = 0, progress: bool = False,
-                 language_pattern: str = LANGUAGE) -> dict:
+                 language_pattern: str = LANGUAGE, text: bool = True) -> dict:
     """Bits per byte (`bpb`, `bits`, `bytes`) and bytes per token over `source`, overall,
-    `per_source` and `per_language`; when every document is scored (max_rows 0) also bits per
-    character and word-level perplexity.
+    `per_source` and `per_language`; when every document is scored (max_rows 0) and documents
+    are text (`text`; compressed window records are not) also bits per character and word-level
+    perplexity.
 
     Bytes are those the scored tokens cover; a perturbed source (with a `clean` source) is
     measured in its clean documents' bytes, characters and words, so models stay comparable.
@@ -111,7 +112,7 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
     if progress and jax.process_index() == 0 and sys.stderr.isatty():
         print(file=sys.stderr)
     chars = words = [None] * files
-    if not max_rows:
+    if text and not max_rows:
         clean = getattr(source, "clean", source)
         documents = [[clean[i] for i in clean.documents_of(f)] for f in range(files)]
         if clean is not source:
