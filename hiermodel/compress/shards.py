@@ -72,6 +72,8 @@ class WindowEncoding:
     """Documents of the `eiw` kind: a compressed record's windows as tokens after BOS; the first
     token of each window carries its raw bytes, so bits per byte stay bits over raw UTF-8."""
 
+    reads_text = False  # documents are packed window records, not text
+
     def __init__(self, window_bits: int, token_bits: int):
         if window_bits % token_bits:
             raise UserError(f"model.window_token_bits={token_bits} does not divide model.window_bits={window_bits}")

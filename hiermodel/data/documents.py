@@ -46,6 +46,7 @@ class ByteEncoding:
 
     vocab_size = VOCAB_SIZE
     bos_id = BOS_ID
+    reads_text = True  # documents are text, so characters and words can be counted and perturbed
     id_bytes = [bytes([i]) for i in range(256)] + [b""] * (VOCAB_SIZE - 256)
     token_bytes = np.array([len(b) for b in id_bytes], np.int32)
 
@@ -61,6 +62,8 @@ class ByteEncoding:
 
 class SubwordEncoding:
     """Each word is the BPE ids of its bytes (the `subword` kind)."""
+
+    reads_text = True
 
     def __init__(self, tokenizer: Subword, max_word_bytes: int):
         self.tokenizer, self.max_word_bytes = tokenizer, max_word_bytes

@@ -210,7 +210,7 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                 window_start = time.monotonic()
             if eval_source is not None and (done % t.eval_every == 0 or done == t.steps):
                 result = score_source(score_fn, state["params"], eval_source, encoder.document, config.data,
-                                      t.batch_size, mesh, max_rows=t.eval_rows, text=config.model.kind != "eiw")
+                                      t.batch_size, mesh, max_rows=t.eval_rows, text=encoder.reads_text)
                 languages = result["per_language"] if len(result["per_language"]) > 1 else {}
                 writer.write(done, {"bpb": result["bpb"], "bytes": result["bytes"],
                                     **{f"bpb_{name}": entry["bpb"] for name, entry in languages.items()}},
