@@ -59,20 +59,20 @@ def cmd_eval(args) -> int:
 
     perturbations = [Perturbation.parse(spec) for spec in args.perturb]
     config, mesh, graphdef, params = _load_run(args.checkpoint)
-    if perturbations and config.model.kind == "eiw":
+    encoder = encoding(config)
+    if perturbations and not encoder.reads_text:
         raise UserError(f"{args.checkpoint}: --perturb changes text, and an eiw model reads compressed windows; "
                         "compress perturbed text with hiermodel compress instead")
     source = open_split(config.data, "eval", args.data, args.group_field) if args.held_out else DocumentSource(
         args.data, config.data.separator, config.data.jsonl_field, config.data.chunk_bytes,
         group_field=args.group_field)
-    encoder = encoding(config)
     with jax.set_mesh(mesh):
         shardings = jax.tree.map(lambda p: p.sharding, params)
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings, args.deletion)
         batch_size = args.batch_size or max(jax.device_count(), 8)
         score = lambda docs: score_source(score_fn, params, docs, encoder.document, config.data, batch_size, mesh,
                                           progress=True, language_pattern=args.language_pattern or LANGUAGE,
-                                          text=config.model.kind != "eiw")
+                                          text=encoder.reads_text)
         result = score(source)
         result["perturbations"] = {}
         for perturbation in perturbations:
@@ -108,7 +108,7 @@ def cmd_generate(args) -> int:
     import jax
 
     from hiermodel.data.documents import encoding
-    from hiermodel.eval.generate import Sampling, generate, generate_cached, generate_hat_cached
+    from hiermodel.eval.generate import Sampling, generate
 
     if args.max_bytes < 1:
         raise UserError("--max-bytes must be at least 1")
@@ -118,19 +118,22 @@ def cmd_generate(args) -> int:
         raise UserError("--top-k must be 0 (off) or positive")
     config, mesh, graphdef, params = _load_run(args.checkpoint)
     encoder = encoding(config)
-    prompt = args.prompt.encode("utf-8", errors="surrogateescape")
+    prompts = [p.encode("utf-8", errors="surrogateescape") for p in args.prompt]
     out = sys.stdout.buffer
-    out.write(prompt)
-    out.flush()
 
-    def show(piece: bytes):
+    def show(row: int, piece: bytes):  # one prompt streams; several print when all are done
         out.write(piece)
         out.flush()
 
-    run = generate if args.no_cache else generate_hat_cached if config.model.kind == "hat" else generate_cached
+    if len(prompts) == 1:
+        out.write(prompts[0])
+        out.flush()
     with jax.set_mesh(mesh):
-        run(graphdef, params, encoder, prompt, args.max_bytes, config.data, config.model.compute_dtype,
-            Sampling(args.temperature, args.top_k, args.top_p, args.seed), on_bytes=show)
+        texts = generate(graphdef, params, encoder, prompts, args.max_bytes, config.data, config.model.compute_dtype,
+                         Sampling(args.temperature, args.top_k, args.top_p, args.seed),
+                         on_bytes=show if len(prompts) == 1 else None, cached=not args.no_cache)
+    if len(prompts) > 1:
+        out.write(b"\n\n".join(prompt + text for prompt, text in zip(prompts, texts)))
     out.write(b"\n")
     return 0
 
@@ -162,13 +165,13 @@ def _documents(args) -> list[bytes]:
     from hiermodel.config import DataConfig
     from hiermodel.data.sources import DocumentSource, open_split
 
-    data = DataConfig(separator=args.separator, jsonl_field=args.jsonl_field, chunk_bytes=args.chunk_bytes,
-                      holdout=args.holdout)
     if args.split == "all":
-        source = DocumentSource(args.inputs, data.separator, data.jsonl_field, data.chunk_bytes)
+        source = DocumentSource(args.inputs, args.separator, args.jsonl_field, args.chunk_bytes)
     else:
         if args.holdout <= 0:
             raise UserError(f"--split {args.split} needs --holdout > 0")
+        data = DataConfig(separator=args.separator, jsonl_field=args.jsonl_field, chunk_bytes=args.chunk_bytes,
+                          holdout=args.holdout)
         source = open_split(data, args.split, args.inputs)
     return [source[i] for i in range(len(source))]
 
@@ -232,7 +235,8 @@ def parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="sample a continuation of a prompt")
     gen.add_argument("--checkpoint", required=True, help="run directory")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="repeat for several prompts, sampled together as a batch (row r with seed + r)")
     gen.add_argument("--no-cache", action="store_true",
                      help="re-run the model on the whole context for every token instead of using caches")
     gen.add_argument("--max-bytes", type=int, default=200)

@@ -170,6 +170,10 @@ def test_generate_continues_the_prompt_deterministically(trained, capsysbinary):
     assert cli.main(args) == 0
     assert capsysbinary.readouterr().out == first
     assert first.startswith(b"The ") and len(first) == len(b"The ") + 12 + 1
+    # Several prompts are one batch; the first row is what the single prompt gave.
+    assert cli.main(args + ["--prompt", "A dog"]) == 0
+    both = capsysbinary.readouterr().out
+    assert both.startswith(first[:-1] + b"\n\nA dog") and len(both) == len(first) + 2 + len(b"A dog") + 12
 
 
 def test_init_from_loads_weights_only(trained, tmp_path):

@@ -9,8 +9,11 @@ import pytest
 from flax import nnx
 
 from hiermodel.data.documents import ByteEncoding
-from hiermodel.eval.generate import (Sampling, _HatDecoder, context_row, generate, generate_cached,
-                                     generate_hat_cached, sample)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hiermodel.eval.generate import Sampling, _HatCached, _HatRow, context_row, generate, sample
+from hiermodel.text.words import split_words
 from hiermodel.models.gates import deletion_counts
 from hiermodel.models.registry import build
 from tests.conftest import MICRO, micro_config
@@ -52,18 +55,31 @@ def test_cached_logits_equal_the_full_forward(byte_model):
 def test_cached_greedy_generation_equals_uncached(byte_model):
     config, graphdef, params = byte_model
     encoder = ByteEncoding(config.data.max_word_bytes)
-    args = (graphdef, params, encoder, b"The cat sat on the ", 60, config.data, "float32")
-    assert generate_cached(*args, Sampling(temperature=0)) == generate(*args, Sampling(temperature=0))
-    sampled = generate_cached(*args, Sampling(seed=4))
-    assert len(sampled) == 60 and sampled == generate_cached(*args, Sampling(seed=4))
+    args = (graphdef, params, encoder, [b"The cat sat on the "], 60, config.data, "float32")
+    greedy = Sampling(temperature=0)
+    assert generate(*args, greedy) == generate(*args, greedy, cached=False)
+    sampled = generate(*args, Sampling(seed=4))
+    assert len(sampled[0]) == 60 and sampled == generate(*args, Sampling(seed=4))
+
+
+def test_batched_rows_generate_as_they_would_alone(byte_model):
+    """Prompts of different lengths in one batch: row r samples what it would alone with seed + r."""
+    config, graphdef, params = byte_model
+    encoder = ByteEncoding(config.data.max_word_bytes)
+    prompts = [b"The cat sat on the ", b"A", "Über den Wolken muss die Freiheit".encode()]
+    together = generate(graphdef, params, encoder, prompts, 30, config.data, "float32", Sampling(seed=7))
+    alone = [generate(graphdef, params, encoder, [p], 30, config.data, "float32", Sampling(seed=7 + r))[0]
+             for r, p in enumerate(prompts)]
+    assert together == alone and len(set(together)) == 3
 
 
 def test_cached_generation_continues_past_a_full_row(byte_model):
     config, graphdef, params = byte_model
     pieces = []
-    out = generate_cached(graphdef, params, ByteEncoding(config.data.max_word_bytes), b"word " * 45, 120,
-                          config.data, "float32", Sampling(), on_bytes=pieces.append)
-    assert len(out) == 120 and b"".join(pieces) == out
+    out = generate(graphdef, params, ByteEncoding(config.data.max_word_bytes), [b"word " * 45, b"x"], 120,
+                   config.data, "float32", Sampling(), on_bytes=lambda row, piece: pieces.append((row, piece)))
+    assert [len(o) for o in out] == [120, 120]
+    assert [b"".join(p for r, p in pieces if r == row) for row in (0, 1)] == out
 
 
 @pytest.fixture(scope="module", params=["plain", "gated"])
@@ -74,30 +90,53 @@ def hat_model(request):
 
 
 def test_hat_cached_logits_follow_the_full_forward_byte_by_byte(hat_model):
-    """Every prefix of multilingual text, multi-byte characters cut in the middle included: the
-    incremental state gives the logits of re-running the whole model on it."""
+    """Every prefix of multilingual text, multi-byte characters cut in the middle and invalid
+    bytes included, in a batch whose rows differ in what each step does: the incremental state
+    gives each row the logits of re-running the whole model on its text."""
     config, graphdef, params = hat_model
     encoder = ByteEncoding(config.data.max_word_bytes)
     forward = jax.jit(lambda p, batch: nnx.merge(graphdef, p)(batch, deletion="hard"))
-    state = _HatDecoder(graphdef, params, encoder, config.data, "float32")
-    text = "Die Katze saß; 日本語のテキスト, café!".encode()
-    for end in range(4, len(text) + 1):
-        cached = state.restart(text[:end]) if end == 4 else state.advance(text[:end])
-        batch, last = context_row(text[:end], encoder, config.data)
-        np.testing.assert_allclose(cached, np.asarray(forward(params, batch))[0, last], atol=3e-5, rtol=3e-5)
+    texts = ["Die Katze saß; 日本語のテキスト, café!".encode(), b"ab 3.5 x\xff\xfe y",
+             "an 🙂 and on".encode()]
+    rows = _HatCached(graphdef, params, encoder, config.data, "float32")
+    current = [t[:3] for t in texts]
+    logits = rows.start(current)
+    checked = np.ones(len(texts), bool)
+    while True:
+        for r in np.flatnonzero(checked):
+            batch, last = context_row(current[r], encoder, config.data)
+            np.testing.assert_allclose(logits[r], np.asarray(forward(params, batch))[0, last], atol=3e-5, rtol=3e-5)
+        checked = np.array([len(c) < len(t) for c, t in zip(current, texts)])
+        if not checked.any():
+            break
+        tokens = np.array([t[len(c)] if a else 0 for c, t, a in zip(current, texts, checked)])
+        current = [t[:len(c) + a] for c, t, a in zip(current, texts, checked)]
+        logits = rows.advance(current, tokens, checked)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", " ", ".", "3", "\n", "ß", "日", "🙂", "\udcff", "\udcc3", "e\u0301",
+                                 "'"]), max_size=40))
+def test_words_split_byte_by_byte_equal_the_split_of_the_whole_text(pieces):
+    data = "".join(pieces).encode("utf-8", errors="surrogateescape")
+    row = _HatRow(b"", micro_config().data)
+    for i in range(len(data)):
+        row.append(data[i:i + 1])
+        assert row.words == split_words(data[:i + 1], row.data.max_word_bytes)
 
 
 def test_hat_cached_generation_equals_uncached(hat_model):
     config, graphdef, params = hat_model
     encoder = ByteEncoding(config.data.max_word_bytes)
-    # Each new length of cached work compiles once, so the texts are short.
-    args = (graphdef, params, encoder, "Ein Hund lief über die ".encode(), 16, config.data, "float32")
-    assert generate_hat_cached(*args, Sampling(temperature=0)) == generate(*args, Sampling(temperature=0))
+    args = (graphdef, params, encoder, ["Ein Hund lief über die ".encode(), b"The "], 16, config.data, "float32")
+    assert generate(*args, Sampling(temperature=0)) == generate(*args, Sampling(temperature=0), cached=False)
     # Sampling from an untrained model: invalid bytes and split characters all along.
-    assert generate_hat_cached(*args, Sampling(seed=2)) == generate(*args, Sampling(seed=2))
-    prompt = b"word " * 50  # 250 of the row's 256 bytes
-    long = generate_hat_cached(graphdef, params, encoder, prompt, 24, config.data, "float32", Sampling(seed=1))
-    assert len(long) == 24  # past a full row: started again from the latest words
+    assert generate(*args, Sampling(seed=2)) == generate(*args, Sampling(seed=2), cached=False)
+    prompts = [b"word " * 50, b"x"]  # 250 of the row's 256 bytes, and one byte
+    long = generate(graphdef, params, encoder, prompts, 24, config.data, "float32", Sampling(seed=1))
+    # Past a full row the first starts again from its latest words; rows stay independent.
+    assert [len(t) for t in long] == [24, 24]
+    assert long[1] == generate(graphdef, params, encoder, prompts[1:], 24, config.data, "float32", Sampling(seed=2))[0]
 
 
 def test_generation_benchmark_times_both_modes(tmp_path):
@@ -106,10 +145,10 @@ def test_generation_benchmark_times_both_modes(tmp_path):
     (tmp_path / "prompt.txt").write_text("It is a truth universally acknowledged,\nthat a single man\n")
     out = tmp_path / "result.json"
     assert bench_generate.main([str(MICRO), "--prompt-file", str(tmp_path / "prompt.txt"), "--bytes", "8",
-                                "--repeats", "1", "--json", str(out)]) == 0
+                                "--repeats", "1", "--batch", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert [(r["kind"], r["mode"], r["bytes"]) for r in results] == [("hat", "cached", 8), ("hat", "uncached", 8)]
-    assert all(r["bytes_per_s"] == pytest.approx(8 / r["seconds"]) for r in results)
+    assert [(r["kind"], r["mode"], r["bytes"]) for r in results] == [("hat", "cached", 16), ("hat", "uncached", 16)]
+    assert all(r["bytes_per_s"] == pytest.approx(16 / r["seconds"]) for r in results)
 
 
 def test_top_k_and_top_p_keep_only_the_likeliest_tokens():

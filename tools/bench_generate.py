@@ -4,9 +4,10 @@
 
 Each argument is a run directory (its latest checkpoint) or a config (fresh weights: fine for
 models whose speed does not depend on what they generate, not for HAT, whose backbone runs once
-per generated word). Every model samples --bytes bytes after the same prompt (the first
---prompt-bytes of the file, cut at a line end), cached and uncached; the figure is the best of
---repeats timed runs after one untimed run that compiles.
+per generated word). Every model samples --bytes bytes after the same prompts (--batch rows, row
+r prompted with --prompt-bytes of the file from the r-th line on, cut at a line end), cached and
+uncached (--modes); the figure is all rows' bytes over the best of --repeats timed runs after one
+untimed run that compiles.
 """
 
 import argparse
@@ -33,29 +34,40 @@ def load(spec: str):
     return config, graphdef, nnx.to_pure_dict(params)
 
 
+def prompts_from(text: bytes, count: int, size: int) -> list[bytes]:
+    """`count` prompts of about `size` bytes, starting at successive line starts, each cut at a line end."""
+    starts = [0] + [i + 1 for i, byte in enumerate(text) if byte == ord("\n")]
+    prompts = []
+    for start in starts[:count]:
+        piece = text[start:start + size]
+        prompts.append(piece[:piece.rfind(b"\n") + 1] or piece)
+    return prompts
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="run directories or configs")
     p.add_argument("--prompt-file", required=True)
     p.add_argument("--prompt-bytes", type=int, default=400)
     p.add_argument("--bytes", type=int, default=200)
+    p.add_argument("--batch", type=int, default=1, help="prompts sampled together")
+    p.add_argument("--modes", default="cached,uncached")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
     from hiermodel.data.documents import encoding
-    from hiermodel.eval.generate import Sampling, generate, generate_cached, generate_hat_cached
+    from hiermodel.eval.generate import Sampling, generate
     from hiermodel.train.state import num_params
 
-    text = open(args.prompt_file, "rb").read()[:args.prompt_bytes]
-    prompt = text[:text.rfind(b"\n") + 1] or text
+    prompts = prompts_from(open(args.prompt_file, "rb").read(), args.batch, args.prompt_bytes)
     results = []
     for spec in args.models:
         config, graphdef, params = load(spec)
-        cached = generate_hat_cached if config.model.kind == "hat" else generate_cached
-        for name, run in (("cached", cached), ("uncached", generate)):
-            sample = lambda: run(graphdef, params, encoding(config), prompt, args.bytes, config.data,
-                                 config.model.compute_dtype, Sampling(temperature=1.0))
+        for name in args.modes.split(","):
+            sample = lambda: sum(map(len, generate(graphdef, params, encoding(config), prompts, args.bytes, config.data,
+                                                   config.model.compute_dtype, Sampling(temperature=1.0),
+                                                   cached=name == "cached")))
             sample()  # compiles
             best = float("inf")
             for _ in range(args.repeats):
@@ -63,10 +75,10 @@ def main(argv=None) -> int:
                 out = sample()
                 best = min(best, time.perf_counter() - started)
             result = {"model": spec, "kind": config.model.kind, "params": num_params(config), "mode": name,
-                      "bytes": len(out), "seconds": best, "bytes_per_s": len(out) / best}
+                      "batch": args.batch, "bytes": out, "seconds": best, "bytes_per_s": out / best}
             results.append(result)
             print(f"{spec} ({config.model.kind}, {result['params']:,} parameters) {name}: "
-                  f"{result['bytes_per_s']:.1f} bytes/s ({len(out)} bytes in {best:.2f}s)", flush=True)
+                  f"{result['bytes_per_s']:.1f} bytes/s ({out} bytes in {best:.2f}s, {args.batch} rows)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

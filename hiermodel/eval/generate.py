@@ -1,24 +1,31 @@
-"""Sampling text from a trained model, one token at a time.
+"""Sampling text from a trained model, one token at a time, for a batch of prompts.
 
-`generate` re-runs the model on the latest row of context for each token (any kind; the row is
+Uncached, every step re-runs the model on each row's latest context (any kind; the row is
 rebuilt from whole words of the text so far, so words and subword ids come out exactly as in
-training). `generate_cached` runs the context once and then one position per token against
-key/value caches (the kinds with an `extend` method: byte and subword); `generate_hat_cached`
-does the same for HAT, stage by stage.
+training). Cached, the context runs once and each step extends key/value caches by the new
+positions only: the byte and subword kinds one token per row; HAT one byte through the encoder,
+one backbone step for each word the new byte finished, and the decoder positions whose word
+(or its predictive embedding) changed. Rows move at their own pace inside one batched call: a
+row with less to do than another is padded with positions past the caches' end, which are
+computed and never stored.
 """
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from hiermodel.config import DataConfig
 from hiermodel.data.packing import RowBuilder
+from hiermodel.text.words import BOS_ID, split_words
 from hiermodel.train.step import cast
 
-
 _COMPILED: dict = {}
+# Words re-split after each new byte: enough for a 4-byte character whose first bytes stood
+# alone as invalid words to rejoin the word before them.
+_RESPLIT_WORDS = 6
 
 
 def _compiled(graphdef, compute_dtype: str, method: str, *constants):
@@ -50,7 +57,7 @@ class Sampling:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # > 0: only the k likeliest tokens
     top_p: float = 1.0  # < 1: only the likeliest tokens holding this much probability
-    seed: int = 0
+    seed: int = 0  # row r of a batch draws from seed + r
 
 
 def sample(logits: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, sampling: Sampling) -> int:
@@ -71,138 +78,198 @@ def sample(logits: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, sa
     return int(rng.choice(len(probs), p=kept / kept.sum()))
 
 
-def _sample_text(next_logits, encoder, prompt: bytes, max_bytes: int, sampling: Sampling, on_bytes) -> bytes:
-    """The sampling loop every generator shares: `next_logits(text, last_token)` gives the logits
-    after `text` (last_token None for the prompt); `on_bytes(piece)` sees each chosen token."""
+def generate(graphdef, params, encoder, prompts: list[bytes], max_bytes: int, data: DataConfig,
+             compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None, cached: bool = True) -> list[bytes]:
+    """At most `max_bytes` bytes continuing each prompt (a row each); `on_bytes(row, piece)` sees
+    every chosen token's bytes as it comes."""
+    if not cached:
+        rows = _Uncached(graphdef, params, encoder, data, compute_dtype)
+    elif hasattr(nnx.merge(graphdef, params), "empty_state"):
+        rows = _HatCached(graphdef, params, encoder, data, compute_dtype)
+    else:
+        rows = _Cached(graphdef, params, encoder, data, compute_dtype)
     allowed = encoder.token_bytes > 0  # text tokens only, no BOS
-    rng = np.random.default_rng(sampling.seed)
-    text = bytearray(prompt)
-    logits = next_logits(bytes(text), None)
+    rngs = [np.random.default_rng(sampling.seed + r) for r in range(len(prompts))]
+    texts = [bytearray(p) for p in prompts]
+    produced = np.zeros(len(prompts), np.int64)
+    logits_BxV = rows.start([bytes(p) for p in prompts])
     while True:
-        token = sample(logits, allowed[:len(logits)], rng, sampling)
-        piece = encoder.id_bytes[token][:max_bytes - (len(text) - len(prompt))]
-        text += piece
-        if on_bytes is not None:
-            on_bytes(piece)
-        if len(text) - len(prompt) >= max_bytes:
-            return bytes(text[len(prompt):])
-        logits = next_logits(bytes(text), token)
+        tokens = np.zeros(len(prompts), np.int32)
+        for r in np.flatnonzero(produced < max_bytes):
+            tokens[r] = sample(logits_BxV[r], allowed[:logits_BxV.shape[1]], rngs[r], sampling)
+            piece = encoder.id_bytes[tokens[r]][:max_bytes - produced[r]]
+            texts[r] += piece
+            produced[r] += len(piece)
+            if on_bytes is not None:
+                on_bytes(int(r), piece)
+        active = produced < max_bytes
+        if not active.any():
+            return [bytes(t[len(p):]) for t, p in zip(texts, prompts)]
+        logits_BxV = rows.advance([bytes(t) for t in texts], tokens, active)
 
 
-def generate(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig, compute_dtype: str,
-             sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
-    """At most `max_bytes` bytes continuing `prompt`, re-running the model on the context for each token."""
-    forward = _compiled(graphdef, compute_dtype, "__call__", "hard")  # gated models delete as at inference
-
-    def next_logits(text: bytes, token) -> np.ndarray:
-        batch, last = context_row(text, encoder, data)
-        return np.asarray(forward(params, batch)[0, last])
-
-    return _sample_text(next_logits, encoder, prompt, max_bytes, sampling, on_bytes)
+def _bucket(n: int) -> int:
+    """The next power of two: each new width of batched work compiles once."""
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
 
 
-def generate_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig,
-                    compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
-    """As `generate`, with caches: the same tokens while the text fits one row; when the cache
-    is full, it starts again from the latest whole words that fit."""
-    length = data.row_tokens
-    extend = _compiled(graphdef, compute_dtype, "extend")
-    empty = _compiled(graphdef, compute_dtype, "empty_cache", 1, length)
-    state = {}
-
-    def next_logits(text: bytes, token) -> np.ndarray:
-        if token is None or state["position"] == length:
-            # The prefill always covers a whole row (one compilation); slots past the context hold
-            # keys no query can see, each overwritten when its position is decoded.
-            batch, last = context_row(text, encoder, data)
-            logits, state["caches"] = extend(params, batch["tokens"], np.arange(length, dtype=np.int32)[None],
-                                              empty(params))
-            state["position"] = last + 1
-            return np.asarray(logits[0, last])
-        position = np.array([[state["position"]]], np.int32)
-        logits, state["caches"] = extend(params, np.array([[token]], np.int32), position, state["caches"])
-        state["position"] += 1
-        return np.asarray(logits[0, 0])
-
-    return _sample_text(next_logits, encoder, prompt, max_bytes, sampling, on_bytes)
+def _padded(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:
+    out = np.full((len(rows), width), fill, np.int32)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = row
+    return out
 
 
-class _HatDecoder:
-    """HAT's incremental state for one text: encoder, backbone and decoder caches and what each
-    was computed from. After new bytes, `advance` works out the text's words exactly as training
-    would and recomputes only what changed: new encoder positions, a backbone step per finished
-    word, and decoder positions whose word (or its predictive embedding) differs; a multi-byte
-    character, first split off as bytes of its own, may rejoin the previous word this way."""
+class _Uncached:
+    """Re-runs the model on every row's context for each token."""
 
     def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
         self.params, self.encoder, self.data = params, encoder, data
-        self._empty = _compiled(graphdef, compute_dtype, "empty_caches", data.row_tokens, data.row_words)
-        self._encode = _compiled(graphdef, compute_dtype, "encode")
-        self._summarise = _compiled(graphdef, compute_dtype, "summarise")
-        self._decode = _compiled(graphdef, compute_dtype, "decode")
-        self._first_word = np.asarray(cast(params["first_word"], compute_dtype))
+        self.forward = _compiled(graphdef, compute_dtype, "__call__", "hard")  # gated models delete as at inference
 
-    def restart(self, text: bytes) -> np.ndarray:
-        """Start from the latest whole words of `text` that fit a row; logits of the next byte."""
-        document = self.encoder.document(text)
+    def start(self, prompts: list[bytes]) -> np.ndarray:
+        return self.advance(prompts, None, np.ones(len(prompts), bool))
+
+    def advance(self, texts: list[bytes], tokens, active: np.ndarray) -> np.ndarray:
+        rows = [context_row(text, self.encoder, self.data) for text in texts]
+        batch = {k: np.concatenate([row[k] for row, _ in rows]) for k in rows[0][0]}
+        logits_BxTxV = np.asarray(self.forward(self.params, batch))
+        return logits_BxTxV[np.arange(len(rows)), [last for _, last in rows]]
+
+
+class _Incremental:
+    """Runs `model.extend(*inputs, state, *constants)` on the device state and returns the
+    logits of each row's last position; the state is donated, so it is updated in place."""
+
+    def __init__(self, graphdef, params, compute_dtype: str, *constants):
+        self.params = params
+        key = (id(graphdef), compute_dtype, "extend", constants)
+        if key not in _COMPILED or _COMPILED[key][0] is not graphdef:
+            def call(params, state, last_B, *inputs):
+                model = nnx.merge(graphdef, cast(params, compute_dtype))
+                logits_BxSxV, state = model.extend(*inputs, state, *constants)
+                return jnp.take_along_axis(logits_BxSxV, last_B[:, None, None], axis=1)[:, 0], state
+
+            _COMPILED[key] = (graphdef, jax.jit(call, donate_argnums=1))
+        self._extend = _COMPILED[key][1]
+
+    def run(self, last_B: np.ndarray, *inputs) -> np.ndarray:
+        logits_BxV, self.state = self._extend(self.params, self.state, last_B, *inputs)
+        return np.asarray(logits_BxV)
+
+
+class _Cached(_Incremental):
+    """Byte and subword kinds: one new token per row and step; a row whose cache is full starts
+    again from the latest whole words of its text that fit."""
+
+    def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
+        super().__init__(graphdef, params, compute_dtype)
+        self.graphdef, self.compute_dtype, self.encoder, self.data = graphdef, compute_dtype, encoder, data
+
+    def start(self, prompts: list[bytes]) -> np.ndarray:
+        empty = _compiled(self.graphdef, self.compute_dtype, "empty_cache", len(prompts), self.data.row_tokens)
+        self.state = empty(self.params)
+        self.lengths = np.zeros(len(prompts), np.int64)
+        return self.advance(prompts, None, np.ones(len(prompts), bool))
+
+    def advance(self, texts: list[bytes], tokens, active: np.ndarray) -> np.ndarray:
+        new, starts = [], []
+        for r, text in enumerate(texts):
+            if not active[r]:
+                new.append(np.zeros(0, np.int32))
+            elif tokens is None or self.lengths[r] == self.data.row_tokens:
+                batch, last = context_row(text, self.encoder, self.data)
+                new.append(batch["tokens"][0, :last + 1])
+                self.lengths[r] = 0
+            else:
+                new.append(np.array([tokens[r]], np.int32))
+            starts.append(self.lengths[r])
+        width = _bucket(max(len(n) for n in new))
+        positions = [start + np.arange(len(n)) for start, n in zip(starts, new)]
+        self.lengths += [len(n) for n in new]
+        last = np.array([max(len(n) - 1, 0) for n in new], np.int32)
+        return self.run(last, _padded(new, width, 0), _padded(positions, width, self.data.row_tokens))
+
+
+class _HatRow:
+    """One row's text as words, and what of it the device state holds: after new bytes, `plan`
+    works out the words exactly as training would and lists only the work that changed."""
+
+    def __init__(self, text: bytes, data: DataConfig):
+        self.data = data
+        self.words = split_words(text, data.max_word_bytes)
+        self.restart()
+
+    def restart(self):
+        """Keep the latest whole words that fit a row, and forget what the state holds."""
+        lengths = np.array([1] + [len(w) for w in self.words], np.int32)
         builder = RowBuilder(self.data.row_tokens, self.data.row_words)
-        self.dropped = document.num_words - builder.words_that_fit(document.word_lengths[::-1])
-        self.caches = self._empty(self.params)
-        self.h = None
-        self.backbone_lengths = np.zeros(0, np.int32)  # words whose backbone step is in the cache
-        self.predictive = None
+        self.dropped = len(lengths) - builder.words_that_fit(lengths[::-1])  # BOS is word 0
+        self.encoded = 0
+        self.summarised = np.zeros(0, np.int32)  # lengths of the words the backbone has seen
         self.decoded_words = np.zeros(0, np.int64)  # the word each decoded position read
-        return self.advance(text)
 
-    def advance(self, text: bytes) -> np.ndarray | None:
-        """Logits of the byte after `text` (which extends the last text by whole tokens), or None
-        when the text no longer fits the row."""
-        document = self.encoder.document(text)
-        tail = document.words(self.dropped, document.num_words)
-        tokens, lengths = tail.tokens, tail.word_lengths
-        if len(tokens) > self.data.row_tokens or len(lengths) > self.data.row_words:
-            return None
-        done = 0 if self.h is None else len(self.h)
-        if len(tokens) > done:
-            positions = np.arange(done, len(tokens))[None]
-            h, self.caches = self._encode(self.params, tokens[None, done:], positions, self.caches)
-            h = np.asarray(h[0])
-            self.h = h if self.h is None else np.concatenate([self.h, h])
+    def append(self, piece: bytes):
+        tail = self.words[-_RESPLIT_WORDS:]
+        self.words[len(self.words) - len(tail):] = split_words(b"".join(tail) + piece, self.data.max_word_bytes)
+
+    def plan(self) -> dict:
+        """New tokens and their positions; the words to summarise (start, length, position); the
+        positions to decode and the word whose summary each reads (-1: the first-word vector)."""
+        row = ([b""] + self.words)[self.dropped:]  # b"" stands for BOS
+        lengths = np.array([len(w) or 1 for w in row], np.int32)
+        if lengths.sum() > self.data.row_tokens or len(lengths) > self.data.row_words:
+            self.restart()
+            return self.plan()
+        tokens = np.frombuffer(b"".join(row), np.uint8).astype(np.int32)
+        if self.dropped == 0:
+            tokens = np.concatenate([[BOS_ID], tokens]).astype(np.int32)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
         # The backbone summarises every word but the last, which is still growing.
         complete = lengths[:-1]
-        same = np.minimum(len(complete), len(self.backbone_lengths))
-        changed = np.flatnonzero(complete[:same] != self.backbone_lengths[:same])
-        first = int(changed[0]) if len(changed) else int(same)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        if first < len(complete):
-            width = self.data.max_word_bytes
-            words = np.zeros((len(complete) - first, width, self.h.shape[1]), self.h.dtype)
-            for i, w in enumerate(range(first, len(complete))):
-                words[i, :lengths[w]] = self.h[starts[w]:starts[w + 1]]
-            predictive, self.caches = self._summarise(self.params, words, complete[first:],
-                                                      np.arange(first, len(complete))[None], self.caches)
-            predictive = np.asarray(predictive[0])
-            self.predictive = predictive if first == 0 else np.concatenate([self.predictive[:first], predictive])
-        self.backbone_lengths = complete
-        # Decoder: from the first position whose word, or that word's predecessor's summary, changed.
+        same = min(len(complete), len(self.summarised))
+        changed = np.flatnonzero(complete[:same] != self.summarised[:same])
+        first = int(changed[0]) if len(changed) else same
         word_of = np.repeat(np.arange(len(lengths)), lengths)
-        same = np.minimum(len(word_of), len(self.decoded_words))
+        same = min(len(word_of), len(self.decoded_words))
         moved = np.flatnonzero(word_of[:same] != self.decoded_words[:same])
-        start = min(int(moved[0]) if len(moved) else int(same), int(starts[first + 1]))
-        reads = [self._first_word if w == 0 else self.predictive[w - 1] for w in word_of[start:]]
-        logits, self.caches = self._decode(self.params, self.h[None, start:], np.stack(reads)[None],
-                                           np.arange(start, len(tokens))[None], self.caches)
-        self.decoded_words = word_of
-        return np.asarray(logits[0, -1])
+        decode_from = min(int(moved[0]) if len(moved) else same, int(starts[first + 1]))
+        plan = {"tokens": tokens[self.encoded:], "positions": np.arange(self.encoded, len(tokens)),
+                "word_starts": starts[first:len(complete)], "word_lengths": complete[first:],
+                "word_positions": np.arange(first, len(complete)),
+                "decode": np.arange(decode_from, len(tokens)), "reads": word_of[decode_from:] - 1}
+        self.encoded, self.summarised, self.decoded_words = len(tokens), complete, word_of
+        return plan
 
 
-def generate_hat_cached(graphdef, params, encoder, prompt: bytes, max_bytes: int, data: DataConfig,
-                        compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None) -> bytes:
-    """As `generate`, for HAT, with caches (the same bytes while the text fits one row)."""
-    state = _HatDecoder(graphdef, params, encoder, data, compute_dtype)
+class _HatCached(_Incremental):
+    def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
+        super().__init__(graphdef, params, compute_dtype, data.max_word_bytes)
+        self.graphdef, self.compute_dtype, self.data = graphdef, compute_dtype, data
 
-    def next_logits(text: bytes, token) -> np.ndarray:
-        logits = None if token is None else state.advance(text)
-        return state.restart(text) if logits is None else logits
+    def start(self, prompts: list[bytes]) -> np.ndarray:
+        self.rows = [_HatRow(p, self.data) for p in prompts]
+        empty = _compiled(self.graphdef, self.compute_dtype, "empty_state", len(prompts), self.data.row_tokens,
+                          self.data.row_words)
+        self.state = empty(self.params)
+        return self._run([row.plan() for row in self.rows])
 
-    return _sample_text(next_logits, encoder, prompt, max_bytes, sampling, on_bytes)
+    def advance(self, texts: list[bytes], tokens, active: np.ndarray) -> np.ndarray:
+        plans = []
+        for row, token, busy in zip(self.rows, tokens, active):
+            if busy:
+                row.append(bytes([token]))
+            plans.append(row.plan() if busy else None)
+        return self._run(plans)
+
+    def _run(self, plans: list) -> np.ndarray:
+        nothing = np.zeros(0, np.int32)
+        get = lambda key: [nothing if p is None else p[key] for p in plans]
+        t, w = self.data.row_tokens, self.data.row_words
+        width = lambda key: _bucket(max(len(p[key]) for p in plans if p is not None))
+        e, u, s = width("tokens"), width("word_positions"), width("decode")
+        last = np.array([max(len(d) - 1, 0) for d in get("decode")], np.int32)
+        return self.run(last, _padded(get("tokens"), e, 0), _padded(get("positions"), e, t),
+                        _padded(get("word_starts"), u, 0), _padded(get("word_lengths"), u, 1),
+                        _padded(get("word_positions"), u, w), _padded(get("decode"), s, t),
+                        _padded(get("reads"), s, 0))

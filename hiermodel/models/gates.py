@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import GateConfig
-from hiermodel.models.layers import KeyGates, RMSNorm, param, run_blocks
+from hiermodel.models.layers import KeyGates, RMSNorm, param, run_blocks, write_at
 
 DELETION_MODES = ("soft", "hard")
 
@@ -123,9 +123,9 @@ def empty_gated_caches(caches: list[dict], layer: int, dim: int) -> list[dict]:
 
 def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, caches: list[dict], window: int):
     """Hard deletion for incremental decoding: S new positions (one document per row, position 0
-    its start) through the stack with caches. A deleted position's key is invisible to every
-    later query (gate value -inf) and its output carries the last kept position's update: the
-    same outputs as a hard-deletion forward with no overflow."""
+    its start; each row's consecutive, then padding) through the stack with caches. A deleted
+    position's key is invisible to every later query (gate value -inf) and its output carries
+    the last kept position's update: the same outputs as a hard-deletion forward with no overflow."""
     cfg = gate.cfg
     caches = list(caches)
     for i in range(cfg.layer):
@@ -141,8 +141,7 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     before_BxD = jnp.take_along_axis(store["update"], jnp.maximum(start_B - 1, 0)[:, None, None], axis=1)[:, 0]
     initial_BxD = jnp.where((start_B > 0)[:, None], before_BxD, 0)
     update_BxSxD = _carry_last_kept(kept_BxS, deep_BxSxD - x_BxSxD, initial_BxD)
-    write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), at, 0))
-    caches[cfg.layer] = {**store, "update": write(store["update"], update_BxSxD, start_B)}
+    caches[cfg.layer] = {**store, "update": write_at(store["update"], update_BxSxD, positions_BxS)}
     return x_BxSxD + update_BxSxD, caches
 
 

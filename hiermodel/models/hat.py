@@ -14,7 +14,7 @@ from flax import nnx
 from hiermodel.config import ModelConfig
 from hiermodel.models.byte import stack_flops
 from hiermodel.models.gates import DeleteGate, empty_gated_caches, extend_gated, run_gated
-from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks
+from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks, write_at
 from hiermodel.text.words import VOCAB_SIZE
 
 
@@ -130,49 +130,58 @@ class HAT(nnx.Module):
         logits_BxTxV = (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
         return (logits_BxTxV, stats) if with_stats else logits_BxTxV
 
-    # Incremental decoding (eval/generate.py): the three stages run separately with caches, one
-    # document in one row: byte positions index the encoder and decoder caches, word positions
-    # the backbone's.
+    # Incremental decoding (eval/generate.py): one document per row; byte positions index the
+    # encoder and decoder caches and the encoder states kept for pooling, word positions the
+    # backbone's cache and the predictive embeddings. Positions past the end are padding.
 
-    def empty_caches(self, row_tokens: int, row_words: int) -> dict:
+    def empty_state(self, batch: int, row_tokens: int, row_words: int) -> dict:
         cfg, dtype = self.cfg, self.embed[...].dtype
-        byte_cache = lambda: empty_cache(1, row_tokens, cfg.byte_kv_heads, cfg.byte_dim // cfg.byte_heads, dtype)
-        backbone = [empty_cache(1, row_words, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads, dtype)
-                    for _ in self.backbone]
+        byte_cache = lambda: empty_cache(batch, row_tokens, cfg.byte_kv_heads, cfg.byte_dim // cfg.byte_heads, dtype)
+        backbone = [empty_cache(batch, row_words, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
+                                dtype) for _ in self.backbone]
         if cfg.gate.layer:
             backbone = empty_gated_caches(backbone, cfg.gate.layer, cfg.backbone_dim)
         return {"encoder": [byte_cache() for _ in self.encoder], "decoder": [byte_cache() for _ in self.decoder],
-                "backbone": backbone}
+                "backbone": backbone, "h": jnp.zeros((batch, row_tokens, cfg.byte_dim), dtype),
+                "predictive": jnp.zeros((batch, row_words, cfg.backbone_dim), dtype)}
 
-    def encode(self, tokens_1xS, positions_1xS, caches: dict):
-        """Encoder states of S new bytes, [1, S, Db]."""
-        h_1xSxD = jnp.take(self.embed[...], tokens_1xS, axis=0)
+    def extend(self, tokens_BxE, positions_BxE, word_starts_BxU, word_lengths_BxU, word_positions_BxU,
+               decode_positions_BxS, reads_BxS, state: dict, word_bytes: int):
+        """Encodes E new bytes, summarises U complete words (byte start and length of each, at
+        most `word_bytes`) with the backbone, then decodes S byte positions, each reading the predictive embedding of
+        word `reads` (-1: the first-word vector); returns their next-byte logits [B, S, V]."""
+        state = dict(state)
+        h_BxExD = jnp.take(self.embed[...], tokens_BxE, axis=0)
+        state["encoder"] = list(state["encoder"])
         for i, block in enumerate(self.encoder):
-            h_1xSxD, caches["encoder"][i] = block.extend(h_1xSxD, positions_1xS, caches["encoder"][i],
-                                                         self.cfg.byte_window)
-        return h_1xSxD, caches
-
-    def summarise(self, h_SxMxD, lengths_S, positions_1xS, caches: dict):
-        """Predictive embeddings [1, S, Dw] of S complete words (each word's byte states padded to M)."""
-        ids_SxM = (jnp.arange(h_SxMxD.shape[1]) >= lengths_S[:, None]).astype(jnp.int32)  # 1: padding
-        words_1xSxD = self.pool(h_SxMxD, ids_SxM, 1)[:, 0][None]
-        if self.cfg.gate.layer:
-            words_1xSxD, caches["backbone"] = extend_gated(self.backbone, self.gate, words_1xSxD, lengths_S[None],
-                                                           positions_1xS, caches["backbone"], 0)
-        else:
-            for i, block in enumerate(self.backbone):
-                words_1xSxD, caches["backbone"][i] = block.extend(words_1xSxD, positions_1xS, caches["backbone"][i])
-        return self.backbone_norm(words_1xSxD), caches
-
-    def decode(self, h_1xSxD, predictive_1xSxDw, positions_1xS, caches: dict):
-        """Next-byte logits [1, S, V] of S bytes given their encoder states and the predictive
-        embedding each reads (first_word_vector for the document's first word)."""
-        x_1xSxD = h_1xSxD
+            h_BxExD, state["encoder"][i] = block.extend(h_BxExD, positions_BxE, state["encoder"][i],
+                                                        self.cfg.byte_window)
+        state["h"] = write_at(state["h"], h_BxExD, positions_BxE)
+        if word_positions_BxU.shape[1]:
+            b, u = word_positions_BxU.shape
+            offsets_M = jnp.arange(word_bytes)
+            at_BxUM = jnp.minimum(word_starts_BxU[..., None] + offsets_M, state["h"].shape[1] - 1).reshape(b, -1)
+            bytes_BUxMxD = jnp.take_along_axis(state["h"], at_BxUM[..., None], axis=1).reshape(b * u, word_bytes, -1)
+            ids_BUxM = (offsets_M >= word_lengths_BxU.reshape(-1, 1)).astype(jnp.int32)  # 1: padding
+            words_BxUxD = self.pool(bytes_BUxMxD, ids_BUxM, 1).reshape(b, u, -1)
+            if self.cfg.gate.layer:
+                words_BxUxD, state["backbone"] = extend_gated(self.backbone, self.gate, words_BxUxD, word_lengths_BxU,
+                                                              word_positions_BxU, state["backbone"], 0)
+            else:
+                state["backbone"] = list(state["backbone"])
+                for i, block in enumerate(self.backbone):
+                    words_BxUxD, state["backbone"][i] = block.extend(words_BxUxD, word_positions_BxU,
+                                                                     state["backbone"][i])
+            state["predictive"] = write_at(state["predictive"], self.backbone_norm(words_BxUxD), word_positions_BxU)
+        x_BxSxD = jnp.take_along_axis(state["h"], decode_positions_BxS[..., None], axis=1, mode="clip")
+        read_BxSxDw = jnp.take_along_axis(state["predictive"], jnp.maximum(reads_BxS, 0)[..., None], axis=1)
+        read_BxSxDw = jnp.where((reads_BxS < 0)[..., None], self.first_word[...].astype(read_BxSxDw.dtype), read_BxSxDw)
+        state["decoder"] = list(state["decoder"])
         for i, layer in enumerate(self.decoder):
-            x_1xSxD = x_1xSxD + predictive_1xSxDw.astype(x_1xSxD.dtype) @ layer.condition[...]
-            x_1xSxD, caches["decoder"][i] = layer.block.extend(x_1xSxD, positions_1xS, caches["decoder"][i],
-                                                               self.cfg.byte_window)
-        return (self.head_norm(x_1xSxD) @ self.head[...]).astype(jnp.float32), caches
+            x_BxSxD = x_BxSxD + read_BxSxDw.astype(x_BxSxD.dtype) @ layer.condition[...]
+            x_BxSxD, state["decoder"][i] = layer.block.extend(x_BxSxD, decode_positions_BxS, state["decoder"][i],
+                                                              self.cfg.byte_window)
+        return (self.head_norm(x_BxSxD) @ self.head[...]).astype(jnp.float32), state
 
 
 def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None) -> int:

@@ -199,17 +199,17 @@ class Attention(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh), self.wo[...])
 
     def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0, gates: "KeyGates | None" = None):
-        """Attention of S new positions (one document, each row at its own positions) over the
-        cache and themselves; returns the output and the cache with their keys and values (and,
-        after a delete gate, their gate values: -inf for a hard-deleted key)."""
+        """Attention of S new positions (one document per row, each row at its own positions)
+        over the cache and themselves; returns the output and the cache with their keys and
+        values (and, after a delete gate, their gate values: -inf for a hard-deleted key). A
+        position at or past the cache's end is padding: computed, never stored."""
         q_BxSxHxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wq[...]), positions_BxS, self.theta)
         k_BxSxKxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wk[...]), positions_BxS, self.theta)
         v_BxSxKxDh = jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wv[...])
-        write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, 0))
-        cache = {**cache, "k": write(cache["k"], k_BxSxKxDh, positions_BxS[:, 0]),
-                 "v": write(cache["v"], v_BxSxKxDh, positions_BxS[:, 0])}
+        cache = {**cache, "k": write_at(cache["k"], k_BxSxKxDh, positions_BxS),
+                 "v": write_at(cache["v"], v_BxSxKxDh, positions_BxS)}
         if gates is not None:
-            cache["gate"] = write(cache["gate"], gates.values_BxT.astype(jnp.float32), positions_BxS[:, 0])
+            cache["gate"] = write_at(cache["gate"], gates.values_BxT, positions_BxS)
         b, s, h, dh = q_BxSxHxDh.shape
         kv = cache["k"].shape[2]
         slots_L = jnp.arange(cache["k"].shape[1])
@@ -222,6 +222,12 @@ class Attention(nnx.Module):
         out = _softmax_attend(logits, allowed_BxSxL[:, None, None], cache["v"].astype(q_BxSxHxDh.dtype),
                               "bkgts,bskd->btkgd", extra_zero=gates is not None)
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, s, h, dh), self.wo[...]), cache
+
+
+def write_at(buffer_BxLx, new_BxSx, positions_BxS):
+    """`buffer` with new[b, s] in slot positions[b, s]; positions past the end are dropped, so
+    rows of a batch can carry different numbers of new positions (the rest padded with L)."""
+    return jax.vmap(lambda b, n, p: b.at[p].set(n.astype(b.dtype), mode="drop"))(buffer_BxLx, new_BxSx, positions_BxS)
 
 
 def empty_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> dict:
