@@ -184,7 +184,7 @@ class _Cached(_Incremental):
             else:
                 new.append(np.array([tokens[r]], np.int32))
             starts.append(self.lengths[r])
-        width = _bucket(max(len(n) for n in new))
+        width = min(_bucket(max(len(n) for n in new)), self.data.row_tokens)
         positions = [start + np.arange(len(n)) for start, n in zip(starts, new)]
         self.lengths += [len(n) for n in new]
         last = np.array([max(len(n) - 1, 0) for n in new], np.int32)
@@ -266,8 +266,8 @@ class _HatCached(_Incremental):
         nothing = np.zeros(0, np.int32)
         get = lambda key: [nothing if p is None else p[key] for p in plans]
         t, w = self.data.row_tokens, self.data.row_words
-        width = lambda key: _bucket(max(len(p[key]) for p in plans if p is not None))
-        e, u, s = width("tokens"), width("word_positions"), width("decode")
+        width = lambda key, most: min(_bucket(max(len(p[key]) for p in plans if p is not None)), most)
+        e, u, s = width("tokens", t), width("word_positions", w), width("decode", t)
         last = np.array([max(len(d) - 1, 0) for d in get("decode")], np.int32)
         return self.run(last, _padded(get("tokens"), e, 0), _padded(get("positions"), e, t),
                         _padded(get("word_starts"), u, 0), _padded(get("word_lengths"), u, 1),

@@ -211,23 +211,45 @@ class Attention(nnx.Module):
         if gates is not None:
             cache["gate"] = write_at(cache["gate"], gates.values_BxT, positions_BxS)
         b, s, h, dh = q_BxSxHxDh.shape
-        kv = cache["k"].shape[2]
-        slots_L = jnp.arange(cache["k"].shape[1])
-        delta_BxSxL = positions_BxS[:, :, None] - slots_L
+        keys, values, gate_values = cache["k"], cache["v"], cache.get("gate")
+        length, span = keys.shape[1], window + s - 1  # the slots any of the S queries can see
+        if window and span < length:
+            # Only the window behind the row's first new position: per step, cost of the window, not of the row.
+            start_B = jnp.clip(positions_BxS[:, 0] - window + 1, 0, length - span)
+            window_of = jax.vmap(lambda c, start: jax.lax.dynamic_slice_in_dim(c, start, span, 0))
+            keys, values = window_of(keys, start_B), window_of(values, start_B)
+            gate_values = None if gates is None else window_of(gate_values, start_B)
+            slots_BxL = start_B[:, None] + jnp.arange(span)
+        else:
+            slots_BxL = jnp.arange(length)[None]
+        delta_BxSxL = positions_BxS[:, :, None] - slots_BxL[:, None, :]
         allowed_BxSxL = (delta_BxSxL >= 0) & ((delta_BxSxL < window) if window else True)
-        q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, kv, h // kv, dh)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q_BxSxKxGxDh, cache["k"].astype(q_BxSxHxDh.dtype)) * dh ** -0.5
+        q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, keys.shape[2], -1, dh)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q_BxSxKxGxDh, keys.astype(q_BxSxHxDh.dtype)) * dh ** -0.5
         if gates is not None:
-            logits = gates.cap * jnp.tanh(logits.astype(jnp.float32) / gates.cap) + cache["gate"][:, None, None, None]
-        out = _softmax_attend(logits, allowed_BxSxL[:, None, None], cache["v"].astype(q_BxSxHxDh.dtype),
+            logits = gates.cap * jnp.tanh(logits.astype(jnp.float32) / gates.cap) + gate_values[:, None, None, None]
+        out = _softmax_attend(logits, allowed_BxSxL[:, None, None], values.astype(q_BxSxHxDh.dtype),
                               "bkgts,bskd->btkgd", extra_zero=gates is not None)
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, s, h, dh), self.wo[...]), cache
 
 
 def write_at(buffer_BxLx, new_BxSx, positions_BxS):
-    """`buffer` with new[b, s] in slot positions[b, s]; positions past the end are dropped, so
-    rows of a batch can carry different numbers of new positions (the rest padded with L)."""
-    return jax.vmap(lambda b, n, p: b.at[p].set(n.astype(b.dtype), mode="drop"))(buffer_BxLx, new_BxSx, positions_BxS)
+    """`buffer` with new[b, s] in slot positions[b, s], where each row's positions are consecutive
+    and then padding (L or more), which is dropped: rows of a batch may carry different numbers
+    of new positions. One block write per row (a scatter costs more on CPU)."""
+    length, s = buffer_BxLx.shape[1], new_BxSx.shape[1]
+
+    def write_row(buffer_Lx, new_Sx, positions_S):
+        start = jnp.clip(positions_S[0], 0, length - s)
+        slots_S = start + jnp.arange(s)
+        source_S = jnp.clip(slots_S - positions_S[0], 0, s - 1)  # the new entry each slot would take
+        landed_S = positions_S[source_S] == slots_S
+        landed = landed_S.reshape((s,) + (1,) * (new_Sx.ndim - 1))
+        block = jnp.where(landed, new_Sx[source_S].astype(buffer_Lx.dtype),
+                          jax.lax.dynamic_slice_in_dim(buffer_Lx, start, s, 0))
+        return jax.lax.dynamic_update_slice_in_dim(buffer_Lx, block, start, 0)
+
+    return jax.vmap(write_row)(buffer_BxLx, new_BxSx, positions_BxS)
 
 
 def empty_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> dict:
