@@ -27,6 +27,11 @@ def test_continuing_on_a_new_language_reports_old_and_new(corpus, tmp_path):
     out = tmp_path / "curves.png"
     assert plot_runs.main([str(base.run_dir), str(continued.run_dir), "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    german = series["de"][str(continued.run_dir)]
+    assert plot_runs.first_step_reaching(german, german[0][1]) == 3
+    assert plot_runs.first_step_reaching(german, min(b for _, b in german) - 1) is None
+    assert plot_runs.main([str(continued.run_dir), "--output", str(out), "--reach", f"de={german[-1][1]}"]) == 0
+    assert plot_runs.main([str(continued.run_dir), "--output", str(out), "--reach", "xx=1"]) == 2
     losses = [m["loss"] for m in read_metrics(continued.run_dir).values()]
     assert len(losses) == 6 and np.isfinite(losses).all()
     with pytest.raises(SystemExit):
