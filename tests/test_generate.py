@@ -151,6 +151,16 @@ def test_generation_benchmark_times_both_modes(tmp_path):
     assert all(r["bytes_per_s"] == pytest.approx(16 / r["seconds"]) for r in results)
 
 
+def test_forced_generation_takes_the_given_bytes(hat_model):
+    config, graphdef, params = hat_model
+    encoder = ByteEncoding(config.data.max_word_bytes)
+    forced = ["Straße und Weg".encode(), b" the end of it"]
+    assert generate(graphdef, params, encoder, [b"Die ", b"At"], 12, config.data, "float32",
+                    forced=forced) == [f[:12] for f in forced]
+    with pytest.raises(ValueError, match="bytes for every row"):
+        generate(graphdef, params, encoder, [b"Die "], 40, config.data, "float32", forced=forced[:1])
+
+
 def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     allowed = np.ones(4, bool)

@@ -7,7 +7,9 @@ models whose speed does not depend on what they generate, not for HAT, whose bac
 per generated word). Every model samples --bytes bytes after the same prompts (--batch rows, row
 r prompted with --prompt-bytes of the file from the r-th line on, cut at a line end), cached and
 uncached (--modes); the figure is all rows' bytes over the best of --repeats timed runs after one
-untimed run that compiles.
+untimed run that compiles. With --forced, byte-level models take the file's bytes after each
+prompt instead of sampling: the same work per byte on real text, so fresh weights time HAT at
+the word lengths of real text.
 """
 
 import argparse
@@ -34,13 +36,13 @@ def load(spec: str):
     return config, graphdef, nnx.to_pure_dict(params)
 
 
-def prompts_from(text: bytes, count: int, size: int) -> list[bytes]:
-    """`count` prompts of about `size` bytes, starting at successive line starts, each cut at a line end."""
+def prompts_from(text: bytes, count: int, size: int) -> list[tuple[int, bytes]]:
+    """`count` (offset, prompt) of about `size` bytes, from successive line starts, cut at a line end."""
     starts = [0] + [i + 1 for i, byte in enumerate(text) if byte == ord("\n")]
     prompts = []
     for start in starts[:count]:
         piece = text[start:start + size]
-        prompts.append(piece[:piece.rfind(b"\n") + 1] or piece)
+        prompts.append((start, piece[:piece.rfind(b"\n") + 1] or piece))
     return prompts
 
 
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--bytes", type=int, default=200)
     p.add_argument("--batch", type=int, default=1, help="prompts sampled together")
     p.add_argument("--modes", default="cached,uncached")
+    p.add_argument("--forced", action="store_true", help="continue with the file's bytes instead of sampling")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -60,14 +63,18 @@ def main(argv=None) -> int:
     from hiermodel.eval.generate import Sampling, generate
     from hiermodel.train.state import num_params
 
-    prompts = prompts_from(open(args.prompt_file, "rb").read(), args.batch, args.prompt_bytes)
+    text = open(args.prompt_file, "rb").read()
+    starts = prompts_from(text, args.batch, args.prompt_bytes)
+    prompts = [prompt for _, prompt in starts]
+    # Each prompt's continuation in the file.
+    forced = [text[at + len(p):at + len(p) + args.bytes] for at, p in starts] if args.forced else None
     results = []
     for spec in args.models:
         config, graphdef, params = load(spec)
         for name in args.modes.split(","):
             sample = lambda: sum(map(len, generate(graphdef, params, encoding(config), prompts, args.bytes, config.data,
                                                    config.model.compute_dtype, Sampling(temperature=1.0),
-                                                   cached=name == "cached")))
+                                                   cached=name == "cached", forced=forced)))
             sample()  # compiles
             best = float("inf")
             for _ in range(args.repeats):

@@ -19,7 +19,7 @@ from flax import nnx
 
 from hiermodel.config import DataConfig
 from hiermodel.data.packing import RowBuilder
-from hiermodel.text.words import BOS_ID, split_words
+from hiermodel.text.words import BOS_ID, VOCAB_SIZE, split_words
 from hiermodel.train.step import cast
 
 _COMPILED: dict = {}
@@ -79,9 +79,13 @@ def sample(logits: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, sa
 
 
 def generate(graphdef, params, encoder, prompts: list[bytes], max_bytes: int, data: DataConfig,
-             compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None, cached: bool = True) -> list[bytes]:
+             compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None, cached: bool = True,
+             forced: list[bytes] | None = None) -> list[bytes]:
     """At most `max_bytes` bytes continuing each prompt (a row each); `on_bytes(row, piece)` sees
-    every chosen token's bytes as it comes."""
+    every chosen token's bytes as it comes. `forced`: byte-level models take each row's next
+    byte from it instead of sampling (the same work per byte, on real text: for timing)."""
+    if forced is not None and (encoder.vocab_size != VOCAB_SIZE or min(map(len, forced)) < max_bytes):
+        raise ValueError(f"forced generation needs a byte-level model and {max_bytes} bytes for every row")
     if not cached:
         rows = _Uncached(graphdef, params, encoder, data, compute_dtype)
     elif hasattr(nnx.merge(graphdef, params), "empty_state"):
@@ -96,7 +100,8 @@ def generate(graphdef, params, encoder, prompts: list[bytes], max_bytes: int, da
     while True:
         tokens = np.zeros(len(prompts), np.int32)
         for r in np.flatnonzero(produced < max_bytes):
-            tokens[r] = sample(logits_BxV[r], allowed[:logits_BxV.shape[1]], rngs[r], sampling)
+            tokens[r] = (forced[r][produced[r]] if forced is not None
+                         else sample(logits_BxV[r], allowed[:logits_BxV.shape[1]], rngs[r], sampling))
             piece = encoder.id_bytes[tokens[r]][:max_bytes - produced[r]]
             texts[r] += piece
             produced[r] += len(piece)
@@ -139,22 +144,27 @@ class _Uncached:
 
 class _Incremental:
     """Runs `model.extend(*inputs, state, *constants)` on the device state and returns the
-    logits of each row's last position; the state is donated, so it is updated in place."""
+    logits of each row's last position; the state is donated, so it is updated in place. The
+    integer inputs travel as one array (one transfer per step, not one per input)."""
 
     def __init__(self, graphdef, params, compute_dtype: str, *constants):
         self.params = params
         key = (id(graphdef), compute_dtype, "extend", constants)
         if key not in _COMPILED or _COMPILED[key][0] is not graphdef:
-            def call(params, state, last_B, *inputs):
+            def call(params, state, packed, shapes):
+                pieces = jnp.split(packed, np.cumsum([np.prod(shape) for shape in shapes])[:-1])
+                last_B, *inputs = [piece.reshape(shape) for piece, shape in zip(pieces, shapes)]
                 model = nnx.merge(graphdef, cast(params, compute_dtype))
                 logits_BxSxV, state = model.extend(*inputs, state, *constants)
                 return jnp.take_along_axis(logits_BxSxV, last_B[:, None, None], axis=1)[:, 0], state
 
-            _COMPILED[key] = (graphdef, jax.jit(call, donate_argnums=1))
+            _COMPILED[key] = (graphdef, jax.jit(call, donate_argnums=1, static_argnums=3))
         self._extend = _COMPILED[key][1]
 
-    def run(self, last_B: np.ndarray, *inputs) -> np.ndarray:
-        logits_BxV, self.state = self._extend(self.params, self.state, last_B, *inputs)
+    def run(self, last_B: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
+        arrays = (last_B, *inputs)
+        packed = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.int32)
+        logits_BxV, self.state = self._extend(self.params, self.state, packed, tuple(a.shape for a in arrays))
         return np.asarray(logits_BxV)
 
 
