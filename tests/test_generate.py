@@ -149,6 +149,10 @@ def test_generation_benchmark_times_both_modes(tmp_path):
     results = json.loads(out.read_text())
     assert [(r["kind"], r["mode"], r["bytes"]) for r in results] == [("hat", "cached", 16), ("hat", "uncached", 16)]
     assert all(r["bytes_per_s"] == pytest.approx(16 / r["seconds"]) for r in results)
+    assert bench_generate.main([str(MICRO), "--prompt-file", str(tmp_path / "prompt.txt"), "--bytes", "4",
+                                "--repeats", "1", "--modes", "cached", "--set", "model.backbone_layers=1",
+                                "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["params"] < results[0]["params"]
 
 
 def test_forced_generation_takes_the_given_bytes(hat_model):

@@ -18,8 +18,8 @@ import sys
 import time
 
 
-def load(spec: str):
-    """(config, graphdef, params) of a run directory or a config with fresh weights."""
+def load(spec: str, overrides: list[str] = ()):
+    """(config, graphdef, params) of a run directory or a config with fresh weights (and `overrides`)."""
     from pathlib import Path
 
     from flax import nnx
@@ -31,7 +31,7 @@ def load(spec: str):
     if Path(spec).is_dir():
         config, _, graphdef, params = cli._load_run(spec)
         return config, graphdef, params
-    config = config_lib.load(spec)
+    config = config_lib.load(spec, list(overrides))
     graphdef, params = nnx.split(build(config.model, nnx.Rngs(config.seed)))
     return config, graphdef, nnx.to_pure_dict(params)
 
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="prompts sampled together")
     p.add_argument("--modes", default="cached,uncached")
     p.add_argument("--forced", action="store_true", help="continue with the file's bytes instead of sampling")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the models given as configs (e.g. model.compute_dtype=float32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     forced = [text[at + len(p):at + len(p) + args.bytes] for at, p in starts] if args.forced else None
     results = []
     for spec in args.models:
-        config, graphdef, params = load(spec)
+        config, graphdef, params = load(spec, args.set)
         for name in args.modes.split(","):
             sample = lambda: sum(map(len, generate(graphdef, params, encoding(config), prompts, args.bytes, config.data,
                                                    config.model.compute_dtype, Sampling(temperature=1.0),
