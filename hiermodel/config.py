@@ -66,6 +66,9 @@ class DataConfig:
     holdout: float = 0.0  # > 0: this share of documents (by content hash) is never trained on; eval reads only it
     jsonl_field: str = "text"
     max_word_bytes: int = 100
+    # hat and byte: every document ends with the end-of-text token, a word of its own, so a model
+    # learns where documents stop and generation stops there; its bits count, its bytes do not.
+    end_of_text: bool = False
     row_tokens: int = 1024  # positions per row: bytes, or subword tokens
     row_words: int = 256
     shuffle: bool = True

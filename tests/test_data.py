@@ -243,3 +243,27 @@ def test_real_corpus_packs_in_every_script(corpus):
     batch = next(iterator)
     iterator.close()
     assert (batch["segments"] > 0).mean() > 0.9
+
+
+def test_end_of_text_ends_every_document_as_a_word_of_its_own_and_is_scored_once(tmp_path):
+    from hiermodel.config import Config, ModelConfig
+    from hiermodel.data.documents import encoding
+    from hiermodel.text.words import END_ID
+
+    data = "Grüße, 日本\xff".encode("utf-8", "surrogateescape")
+    plain, ended = ByteEncoding(100).document(data), ByteEncoding(100, end_of_text=True).document(data)
+    assert list(ended.tokens) == list(plain.tokens) + [END_ID]
+    assert list(ended.word_lengths) == list(plain.word_lengths) + [1]
+    assert ended.token_bytes.sum() == plain.token_bytes.sum() == len(data)
+    # Scoring: the end is a target of its own, with no bytes, after the last byte of every piece.
+    (tmp_path / "long.txt").write_bytes(("word " * 300).encode())
+    source = DocumentSource([str(tmp_path / "long.txt")])
+    ends = nbytes = 0
+    for batch in scoring_batches(SMALL, source, ByteEncoding(SMALL.max_word_bytes, True).document, batch_size=4):
+        targets = np.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))[batch["loss_mask"] > 0]
+        ends += int((targets == END_ID).sum())
+        nbytes += int((targets < 256).sum())
+    assert (ends, nbytes) == (1, len(source[0]))
+    config = Config(model=ModelConfig(kind="subword", tokenizer="x.json"), data=DataConfig(end_of_text=True))
+    with pytest.raises(UserError, match="end_of_text needs a byte-level model"):
+        encoding(config)

@@ -178,3 +178,20 @@ def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
     assert draw(Sampling()) != draw(Sampling(top_k=1)) == {0}
     allowed[0] = False
     assert draw(Sampling(top_k=1)) == {1}
+
+
+def test_a_model_trained_with_end_of_text_stops_there(tmp_path):
+    from hiermodel import cli
+    from hiermodel.data.documents import encoding
+    from hiermodel.train.loop import train
+
+    (tmp_path / "docs.txt").write_text("|".join(["The end."] * 400))
+    run_dir = tmp_path / "run"
+    config = micro_config(run_dir=run_dir, **{"data.train": tmp_path / "docs.txt", "data.separator": "|",
+                                             "data.end_of_text": True, "mesh.data": 1, "train.steps": 30,
+                                             "train.checkpoint_every": 30, "train.log_every": 10})
+    train(config, devices=jax.devices()[:1])
+    _, _, graphdef, params = cli._load_run(str(run_dir))
+    args = (graphdef, params, encoding(config), [b"The end", b"The"], 20, config.data, "float32")
+    greedy = Sampling(temperature=0)
+    assert generate(*args, greedy) == generate(*args, greedy, cached=False) == [b".", b" end."]

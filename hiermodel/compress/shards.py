@@ -73,6 +73,7 @@ class WindowEncoding:
     token of each window carries its raw bytes, so bits per byte stay bits over raw UTF-8."""
 
     reads_text = False  # documents are packed window records, not text
+    end_id = None
 
     def __init__(self, window_bits: int, token_bits: int):
         if window_bits % token_bits:

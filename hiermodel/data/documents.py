@@ -9,7 +9,7 @@ import numpy as np
 from hiermodel.config import Config
 from hiermodel.errors import UserError
 from hiermodel.text.subword import Subword
-from hiermodel.text.words import BOS_ID, VOCAB_SIZE, split_words
+from hiermodel.text.words import BOS_ID, END_ID, VOCAB_SIZE, split_words
 
 TOKENIZER_FILE = "tokenizer.json"  # where a subword run keeps its tokenizer
 
@@ -50,20 +50,26 @@ class ByteEncoding:
     id_bytes = [bytes([i]) for i in range(256)] + [b""] * (VOCAB_SIZE - 256)
     token_bytes = np.array([len(b) for b in id_bytes], np.int32)
 
-    def __init__(self, max_word_bytes: int):
+    def __init__(self, max_word_bytes: int, end_of_text: bool = False):
         self.max_word_bytes = max_word_bytes
+        self.end_id = END_ID if end_of_text else None  # None: documents just stop
 
     def document(self, data: bytes) -> Document:
-        tokens = np.concatenate([[BOS_ID], np.frombuffer(data, np.uint8)]).astype(np.int32)
+        """BOS, the bytes (and END_ID, a word of its own, under end_of_text)."""
+        end = [] if self.end_id is None else [END_ID]
+        tokens = np.concatenate([[BOS_ID], np.frombuffer(data, np.uint8), end]).astype(np.int32)
         token_bytes = np.ones(len(tokens), np.int32)
         token_bytes[0] = 0
-        return Document(tokens, token_bytes, _lengths_after_bos(split_words(data, self.max_word_bytes)))
+        token_bytes[len(tokens) - len(end):] = 0
+        word_lengths = _lengths_after_bos(split_words(data, self.max_word_bytes))
+        return Document(tokens, token_bytes, np.concatenate([word_lengths, np.ones(len(end), np.int32)]))
 
 
 class SubwordEncoding:
     """Each word is the BPE ids of its bytes (the `subword` kind)."""
 
     reads_text = True
+    end_id = None  # the BPE has no end-of-text id
 
     def __init__(self, tokenizer: Subword, max_word_bytes: int):
         self.tokenizer, self.max_word_bytes = tokenizer, max_word_bytes
@@ -88,12 +94,15 @@ def tokenizer_path(config: Config) -> Path:
 
 def encoding(config: Config):
     """The kind's documents: ByteEncoding, SubwordEncoding, or for eiw compress.shards.WindowEncoding."""
+    if config.data.end_of_text and config.model.kind not in ("hat", "byte"):
+        raise UserError(f"data.end_of_text needs a byte-level model (hat or byte), not model.kind="
+                        f"{config.model.kind}: it has no end-of-text id")
     if config.model.kind == "eiw":
         from hiermodel.compress.shards import WindowEncoding
 
         return WindowEncoding(config.model.window_bits, config.model.window_token_bits)
     if config.model.kind != "subword":
-        return ByteEncoding(config.data.max_word_bytes)
+        return ByteEncoding(config.data.max_word_bytes, config.data.end_of_text)
     if not config.model.tokenizer:
         raise UserError("model.kind=subword needs model.tokenizer: a file made by tools/train_tokenizer.py")
     path = tokenizer_path(config)

@@ -44,6 +44,8 @@ def _compiled(graphdef, compute_dtype: str, method: str, *constants):
 def context_row(data: bytes, encoder, config: DataConfig) -> tuple[dict, int]:
     """A one-row batch holding the longest tail of whole words of BOS + data; and the last position."""
     document = encoder.document(data)
+    if encoder.end_id is not None:  # the text goes on: no end-of-text after it
+        document = document.words(0, document.num_words - 1)
     builder = RowBuilder(config.row_tokens, config.row_words)
     # Keep the most recent words that fit, dropping from the front.
     keep = builder.words_that_fit(document.word_lengths[::-1])
@@ -81,9 +83,10 @@ def sample(logits: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, sa
 def generate(graphdef, params, encoder, prompts: list[bytes], max_bytes: int, data: DataConfig,
              compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None, cached: bool = True,
              forced: list[bytes] | None = None) -> list[bytes]:
-    """At most `max_bytes` bytes continuing each prompt (a row each); `on_bytes(row, piece)` sees
-    every chosen token's bytes as it comes. `forced`: byte-level models take each row's next
-    byte from it instead of sampling (the same work per byte, on real text: for timing)."""
+    """At most `max_bytes` bytes continuing each prompt (a row each), fewer where a row samples
+    end-of-text (models trained with data.end_of_text); `on_bytes(row, piece)` sees every chosen
+    token's bytes as it comes. `forced`: byte-level models take each row's next byte from it
+    instead of sampling (the same work per byte, on real text: for timing)."""
     if forced is not None and (encoder.vocab_size != VOCAB_SIZE or min(map(len, forced)) < max_bytes):
         raise ValueError(f"forced generation needs a byte-level model and {max_bytes} bytes for every row")
     if not cached:
@@ -92,22 +95,26 @@ def generate(graphdef, params, encoder, prompts: list[bytes], max_bytes: int, da
         rows = _HatCached(graphdef, params, encoder, data, compute_dtype)
     else:
         rows = _Cached(graphdef, params, encoder, data, compute_dtype)
-    allowed = encoder.token_bytes > 0  # text tokens only, no BOS
+    allowed = encoder.token_bytes > 0  # text tokens, and end-of-text where the model learned it; no BOS
+    if encoder.end_id is not None:
+        allowed[encoder.end_id] = True
     rngs = [np.random.default_rng(sampling.seed + r) for r in range(len(prompts))]
     texts = [bytearray(p) for p in prompts]
     produced = np.zeros(len(prompts), np.int64)
+    ended = np.zeros(len(prompts), bool)
     logits_BxV = rows.start([bytes(p) for p in prompts])
     while True:
         tokens = np.zeros(len(prompts), np.int32)
-        for r in np.flatnonzero(produced < max_bytes):
+        for r in np.flatnonzero((produced < max_bytes) & ~ended):
             tokens[r] = (forced[r][produced[r]] if forced is not None
                          else sample(logits_BxV[r], allowed[:logits_BxV.shape[1]], rngs[r], sampling))
+            ended[r] = tokens[r] == encoder.end_id
             piece = encoder.id_bytes[tokens[r]][:max_bytes - produced[r]]
             texts[r] += piece
             produced[r] += len(piece)
-            if on_bytes is not None:
+            if on_bytes is not None and piece:
                 on_bytes(int(r), piece)
-        active = produced < max_bytes
+        active = (produced < max_bytes) & ~ended
         if not active.any():
             return [bytes(t[len(p):]) for t, p in zip(texts, prompts)]
         logits_BxV = rows.advance([bytes(t) for t in texts], tokens, active)

@@ -5,7 +5,8 @@ import re
 from hat_splitter import HATSplitter
 
 BOS_ID = 256  # begins every document; not a byte, so any byte string stays representable
-VOCAB_SIZE = 258  # 256 bytes, BOS, one id reserved for end-of-text
+END_ID = 257  # ends every document under data.end_of_text
+VOCAB_SIZE = 258  # 256 bytes, BOS, end-of-text
 
 _SPLITTER = HATSplitter()
 # Bytes that are not valid UTF-8 decode to lone surrogates under surrogateescape.
