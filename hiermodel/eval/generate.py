@@ -41,9 +41,9 @@ def _compiled(graphdef, compute_dtype: str, method: str, *constants):
     return _COMPILED[key][1]
 
 
-def context_row(data: bytes, encoder, config: DataConfig) -> tuple[dict, int]:
+def context_row(data: bytes | bytearray, encoder, config: DataConfig) -> tuple[dict, int]:
     """A one-row batch holding the longest tail of whole words of BOS + data; and the last position."""
-    document = encoder.document(data)
+    document = encoder.document(bytes(data))
     if encoder.end_id is not None:  # the text goes on: no end-of-text after it
         document = document.words(0, document.num_words - 1)
     builder = RowBuilder(config.row_tokens, config.row_words)
@@ -117,7 +117,7 @@ def generate(graphdef, params, encoder, prompts: list[bytes], max_bytes: int, da
         active = (produced < max_bytes) & ~ended
         if not active.any():
             return [bytes(t[len(p):]) for t, p in zip(texts, prompts)]
-        logits_BxV = rows.advance([bytes(t) for t in texts], tokens, active)
+        logits_BxV = rows.advance(texts, tokens, active)
 
 
 def _bucket(n: int) -> int:
@@ -142,7 +142,7 @@ class _Uncached:
     def start(self, prompts: list[bytes]) -> np.ndarray:
         return self.advance(prompts, None, np.ones(len(prompts), bool))
 
-    def advance(self, texts: list[bytes], tokens, active: np.ndarray) -> np.ndarray:
+    def advance(self, texts: list[bytearray], tokens, active: np.ndarray) -> np.ndarray:
         rows = [context_row(text, self.encoder, self.data) for text in texts]
         batch = {k: np.concatenate([row[k] for row, _ in rows]) for k in rows[0][0]}
         logits_BxTxV = np.asarray(self.forward(self.params, batch))
@@ -155,7 +155,7 @@ class _Incremental:
     integer inputs travel as one array (one transfer per step, not one per input)."""
 
     def __init__(self, graphdef, params, compute_dtype: str, *constants):
-        self.params = params
+        self.graphdef, self.params, self.compute_dtype = graphdef, params, compute_dtype
         key = (id(graphdef), compute_dtype, "extend", constants)
         if key not in _COMPILED or _COMPILED[key][0] is not graphdef:
             def call(params, state, packed, shapes):
@@ -167,6 +167,10 @@ class _Incremental:
 
             _COMPILED[key] = (graphdef, jax.jit(call, donate_argnums=1, static_argnums=3))
         self._extend = _COMPILED[key][1]
+
+    def empty(self, method: str, *sizes: int):
+        """A fresh device state from the model's `method(*sizes)`."""
+        self.state = _compiled(self.graphdef, self.compute_dtype, method, *sizes)(self.params)
 
     def run(self, last_B: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
         arrays = (last_B, *inputs)
@@ -181,15 +185,14 @@ class _Cached(_Incremental):
 
     def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
         super().__init__(graphdef, params, compute_dtype)
-        self.graphdef, self.compute_dtype, self.encoder, self.data = graphdef, compute_dtype, encoder, data
+        self.encoder, self.data = encoder, data
 
     def start(self, prompts: list[bytes]) -> np.ndarray:
-        empty = _compiled(self.graphdef, self.compute_dtype, "empty_cache", len(prompts), self.data.row_tokens)
-        self.state = empty(self.params)
+        self.empty("empty_cache", len(prompts), self.data.row_tokens)
         self.lengths = np.zeros(len(prompts), np.int64)
         return self.advance(prompts, None, np.ones(len(prompts), bool))
 
-    def advance(self, texts: list[bytes], tokens, active: np.ndarray) -> np.ndarray:
+    def advance(self, texts: list[bytearray], tokens, active: np.ndarray) -> np.ndarray:
         new, starts = [], []
         for r, text in enumerate(texts):
             if not active[r]:
@@ -262,16 +265,14 @@ class _HatRow:
 class _HatCached(_Incremental):
     def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
         super().__init__(graphdef, params, compute_dtype, data.max_word_bytes)
-        self.graphdef, self.compute_dtype, self.data = graphdef, compute_dtype, data
+        self.data = data
 
     def start(self, prompts: list[bytes]) -> np.ndarray:
         self.rows = [_HatRow(p, self.data) for p in prompts]
-        empty = _compiled(self.graphdef, self.compute_dtype, "empty_state", len(prompts), self.data.row_tokens,
-                          self.data.row_words)
-        self.state = empty(self.params)
+        self.empty("empty_state", len(prompts), self.data.row_tokens, self.data.row_words)
         return self._run([row.plan() for row in self.rows])
 
-    def advance(self, texts: list[bytes], tokens, active: np.ndarray) -> np.ndarray:
+    def advance(self, texts: list[bytearray], tokens, active: np.ndarray) -> np.ndarray:
         plans = []
         for row, token, busy in zip(self.rows, tokens, active):
             if busy:

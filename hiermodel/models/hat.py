@@ -148,8 +148,9 @@ class HAT(nnx.Module):
     def extend(self, tokens_BxE, positions_BxE, word_starts_BxU, word_lengths_BxU, word_positions_BxU,
                decode_positions_BxS, reads_BxS, state: dict, word_bytes: int):
         """Encodes E new bytes, summarises U complete words (byte start and length of each, at
-        most `word_bytes`) with the backbone, then decodes S byte positions, each reading the predictive embedding of
-        word `reads` (-1: the first-word vector); returns their next-byte logits [B, S, V]."""
+        most `word_bytes`) with the backbone, then decodes S byte positions, each reading the
+        predictive embedding of word `reads` (-1: the first-word vector); returns their next-byte
+        logits [B, S, V]."""
         state = dict(state)
         h_BxExD = jnp.take(self.embed[...], tokens_BxE, axis=0)
         state["encoder"] = list(state["encoder"])
