@@ -25,7 +25,8 @@ def cdf_from_frequencies(frequencies_Hx256: np.ndarray) -> np.ndarray:
 
 
 class HashedOrder2:
-    """Reference predictor: a fixed CDF per hashed (previous token, token) pair since the restart."""
+    """Reference predictor: a fixed CDF per hashed pair of the tokens last fed at positions
+    p - 1 and p (BOS before position 0)."""
 
     BUCKETS = 4099
 
@@ -58,12 +59,12 @@ class HashedOrder2:
         return (previous * 263 + token) % cls.BUCKETS
 
     def start(self, batch):
-        return np.full(batch, BOS_ID, np.int64)
+        return np.full((batch, self.max_context + 1), BOS_ID, np.int64)  # column p + 1: position p
 
     def step(self, state, tokens_B, positions_B):
-        tokens_B = tokens_B.astype(np.int64)
-        previous_B = np.where(positions_B == 0, BOS_ID, state)
-        return tokens_B, self.cdf_Hx257[self.bucket(previous_B, tokens_B)]
+        rows_B = np.arange(len(tokens_B))
+        state[rows_B, positions_B + 1] = tokens_B
+        return state, self.cdf_Hx257[self.bucket(state[rows_B, positions_B], state[rows_B, positions_B + 1])]
 
 
 def brute_codeword(low: int, size: int, bits: int):

@@ -2,12 +2,13 @@
 
 The coder and the model meet only here. A predictor is batched and incremental: every call
 feeds one token per row at that row's position and returns, per row, the CDF of the byte that
-follows. Position 0 restarts a row's context (the token is then BOS_ID): windows reset M1.
+follows. Position 0 holds BOS_ID: windows reset M1 by feeding from position 1 again, which
+overwrites the row's context from there on.
 
-Exactness contract: a row's CDF is a pure function of the tokens that row was fed at positions
-0..position since its last restart. It must not depend on the batch size, on other rows, on
-tokens left at higher positions by earlier windows, on the device count or on the platform;
-otherwise decoding breaks. CDFs are int64 [B, 257] with cdf[:, 0] == 0,
+Exactness contract: a row's CDF is a pure function of the tokens that row was last fed at
+positions 0..position. It must not depend on the batch size, on other rows, on tokens left at
+higher positions by earlier windows, on the device count or on the platform; otherwise decoding
+breaks. CDFs are int64 [B, 257] with cdf[:, 0] == 0,
 cdf[:, 256] == 2**CDF_BITS and every step at least 1.
 """
 
@@ -25,4 +26,4 @@ class Predictor(Protocol):
         """A fresh state for `batch` rows."""
 
     def step(self, state: Any, tokens_B: np.ndarray, positions_B: np.ndarray) -> tuple[Any, np.ndarray]:
-        """Feed tokens_B (int32) at positions_B (int32); returns the new state and int64 CDFs [B, 257]."""
+        """Feed tokens_B (int32) at positions_B (int32); returns the new state and CDFs [B, 257]."""

@@ -9,6 +9,9 @@ not: decoding stops at the first prefix whose codeword is the window's, which is
 
 Rows of a batch each code their own segment (encoding) or window (decoding); every loop
 iteration is one predictor.step over all rows plus numpy bookkeeping, so the batch stays full.
+Every window's first byte has the same CDF, that of BOS alone: the first step feeds BOS at
+position 0 of every row, and from then on a window opens by coding its first byte with that CDF
+and feeding it at position 1 (slot 0 still holds BOS), which saves one step per window.
 """
 
 import dataclasses
@@ -183,37 +186,54 @@ class _Encoder:
 
     def run(self):
         self._refill()
-        state = self.predictor.start(len(self.cursor_B))
-        while self._busy():
+        batch = len(self.cursor_B)
+        if not self._active().any():
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        state, cdf_Bx257 = self.predictor.step(self.predictor.start(batch), self.feed_B, self.count_B.astype(np.int32))
+        bos_cdf_1x257 = cdf_Bx257[:1]
+        while True:
+            self._code(np.flatnonzero(self._active() & (self.count_B > 0)), cdf_Bx257)
+            # A window that opens codes its first byte with BOS's CDF; it may close at once (a
+            # segment's last byte), so repeat until every busy row has a byte to feed.
+            while len(opening := np.flatnonzero(self._active() & (self.count_B == 0))):
+                self._code(opening, np.broadcast_to(bos_cdf_1x257, (len(opening), bos_cdf_1x257.shape[1])))
+            if not self._active().any():
+                break
             state, cdf_Bx257 = self.predictor.step(state, self.feed_B, self.count_B.astype(np.int32))
-            closing_B = self._take_next_byte(cdf_Bx257)
-            self._close(np.flatnonzero(closing_B))
-            self._refill()
         self.meter.add(0, final=True)
         if not self.closed:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         return tuple(np.concatenate(parts) for parts in zip(*self.closed))
 
-    def _busy(self) -> bool:
-        return self.queued < len(self.queue_starts) or bool((self.cursor_B < self.end_B).any())
+    def _active(self) -> np.ndarray:
+        return self.cursor_B < self.end_B
 
-    def _take_next_byte(self, cdf_Bx257):
-        """Extend each active window by its next byte if the codeword still fits; the rows that close."""
-        active_B = self.cursor_B < self.end_B
-        next_B = self.cursor_B + self.count_B
-        byte_B = self.data_N[np.minimum(next_B, len(self.data_N) - 1)].astype(np.int64)
-        low_B, range_B = coder.narrow(self.low_B, self.range_B, cdf_Bx257, byte_B)
-        codeword_B = coder.codeword(low_B, range_B, self.window_bits)
-        took_B = active_B & (codeword_B != coder.NO_CODEWORD)
-        np.copyto(self.low_B, low_B, where=took_B)
-        np.copyto(self.range_B, range_B, where=took_B)
-        np.copyto(self.feed_B, byte_B, where=took_B, casting="unsafe")
-        self.count_B += took_B
-        self.codeword_history_BxN = _grown(self.codeword_history_BxN, int(self.count_B.max()) + 1, self.capacity + 1)
-        took = np.flatnonzero(took_B)
-        self.codeword_history_BxN[took, self.count_B[took]] = codeword_B[took]
-        full_B = (self.count_B == self.capacity) | (self.cursor_B + self.count_B == self.end_B)
-        return active_B & (~took_B | full_B)
+    def _code(self, rows, cdf_Rx257):
+        """Rows take their next byte under their CDFs (cdf_Rx257: one per row, or all of the batch);
+        those that close do, and idle rows get new segments."""
+        if not len(rows):
+            return
+        if len(cdf_Rx257) != len(rows):
+            cdf_Rx257 = cdf_Rx257[rows]
+        self._close(rows[self._take_next_byte(rows, cdf_Rx257)])
+        self._refill()
+
+    def _take_next_byte(self, rows, cdf_Rx257):
+        """Extend the rows' windows by their next byte where the codeword still fits; which close."""
+        next_R = self.cursor_B[rows] + self.count_B[rows]
+        byte_R = self.data_N[next_R].astype(np.int64)
+        low_R, range_R = coder.narrow(self.low_B[rows], self.range_B[rows], cdf_Rx257, byte_R)
+        codeword_R = coder.codeword(low_R, range_R, self.window_bits)
+        took_R = codeword_R != coder.NO_CODEWORD
+        took = rows[took_R]
+        self.low_B[took], self.range_B[took] = low_R[took_R], range_R[took_R]
+        self.feed_B[took] = byte_R[took_R]
+        self.count_B[took] += 1
+        self.codeword_history_BxN = _grown(self.codeword_history_BxN, int(self.count_B[rows].max()) + 1,
+                                           self.capacity + 1)
+        self.codeword_history_BxN[took, self.count_B[took]] = codeword_R[took_R]
+        count_R = self.count_B[rows]
+        return ~took_R | (count_R == self.capacity) | (self.cursor_B[rows] + count_R == self.end_B[rows])
 
     def _close(self, rows):
         """Delay rule: the window keeps the shortest prefix whose codeword is its greedy one."""
@@ -258,33 +278,50 @@ class _Decoder:
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         """Bytes per window (-1: undecodable) and the decodable windows' bytes joined in window order."""
         self._refill()
-        state = self.predictor.start(len(self.window_B))
-        while (self.window_B >= 0).any():
+        batch = len(self.window_B)
+        if not (self.window_B >= 0).any():
+            return self.lengths_W, np.zeros(0, np.uint8)
+        state, cdf_Bx257 = self.predictor.step(self.predictor.start(batch), self.feed_B, self.count_B.astype(np.int32))
+        bos_cdf_1x257 = cdf_Bx257[:1]
+        while True:
+            self._decode(np.flatnonzero((self.window_B >= 0) & (self.count_B > 0)), cdf_Bx257)
+            while len(opening := np.flatnonzero((self.window_B >= 0) & (self.count_B == 0))):
+                self._decode(opening, np.broadcast_to(bos_cdf_1x257, (len(opening), bos_cdf_1x257.shape[1])))
+            if not (self.window_B >= 0).any():
+                break
             state, cdf_Bx257 = self.predictor.step(state, self.feed_B, self.count_B.astype(np.int32))
-            done_B, invalid_B = self._decode_next_byte(cdf_Bx257)
-            self._finish(np.flatnonzero(done_B), np.flatnonzero(invalid_B))
-            self._refill()
         self.meter.add(0, final=True)
         return self.lengths_W, self._joined_in_window_order()
 
-    def _decode_next_byte(self, cdf_Bx257):
-        """Each active row's next byte; the rows whose window is complete, and those that cannot be."""
-        active_B = self.window_B >= 0
-        point_B = coder.codeword_point(self.target_B, self.window_bits)
-        byte_B = coder.symbol_at(self.low_B, self.range_B, cdf_Bx257, point_B)
-        low_B, range_B = coder.narrow(self.low_B, self.range_B, cdf_Bx257, byte_B)
-        # Idle rows keep the full interval, so they never narrow to nothing.
-        np.copyto(self.low_B, low_B, where=active_B)
-        np.copyto(self.range_B, range_B, where=active_B)
-        codeword_B = coder.codeword(self.low_B, self.range_B, self.window_bits)
-        self.bytes_BxN = _grown(self.bytes_BxN, int(self.count_B.max()) + 1, self.capacity)
-        self.bytes_BxN[np.arange(len(byte_B)), self.count_B] = byte_B
-        np.copyto(self.feed_B, byte_B, where=active_B, casting="unsafe")  # idle rows keep BOS
-        self.count_B += active_B
-        done_B = active_B & (codeword_B == self.target_B)
+    def _decode(self, rows, cdf_Rx257):
+        """Rows decode their next byte (cdf_Rx257: one per row, or all of the batch); finished
+        windows are recorded and idle rows get new ones."""
+        if not len(rows):
+            return
+        if len(cdf_Rx257) != len(rows):
+            cdf_Rx257 = cdf_Rx257[rows]
+        done_R, invalid_R = self._decode_next_byte(rows, cdf_Rx257)
+        self._finish(rows[done_R], rows[invalid_R])
+        self._refill()
+
+    def _decode_next_byte(self, rows, cdf_Rx257):
+        """Each row's next byte; which rows' windows are complete, and which cannot be."""
+        point_R = coder.codeword_point(self.target_B[rows], self.window_bits)
+        low_R, range_R = self.low_B[rows], self.range_B[rows]
+        byte_R = coder.symbol_at(low_R, range_R, cdf_Rx257, point_R)
+        low_R, range_R = coder.narrow(low_R, range_R, cdf_Rx257, byte_R)
+        self.low_B[rows], self.range_B[rows] = low_R, range_R
+        codeword_R = coder.codeword(low_R, range_R, self.window_bits)
+        count_R = self.count_B[rows]
+        self.bytes_BxN = _grown(self.bytes_BxN, int(count_R.max()) + 1, self.capacity)
+        self.bytes_BxN[rows, count_R] = byte_R
+        self.feed_B[rows] = byte_R
+        count_R += 1
+        self.count_B[rows] = count_R
+        done_R = codeword_R == self.target_B[rows]
         # Narrower intervals never regain a W-bit codeword, so a miss with none is final.
-        lost_B = (codeword_B == coder.NO_CODEWORD) | (self.count_B == self.capacity)
-        return done_B, active_B & ~done_B & lost_B
+        lost_R = (codeword_R == coder.NO_CODEWORD) | (count_R == self.capacity)
+        return done_R, ~done_R & lost_R
 
     def _finish(self, done, invalid):
         if len(done):
