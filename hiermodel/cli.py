@@ -119,6 +119,7 @@ def cmd_generate(args) -> int:
     config, mesh, graphdef, params = _load_run(args.checkpoint)
     encoder = encoding(config)
     prompts = [p.encode("utf-8", errors="surrogateescape") for p in args.prompt]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     out = sys.stdout.buffer
 
     def show(row: int, piece: bytes):  # one prompt streams; several print when all are done
@@ -128,14 +129,37 @@ def cmd_generate(args) -> int:
     if len(prompts) == 1:
         out.write(prompts[0])
         out.flush()
+    on_bytes = show if len(prompts) == 1 else None
     with jax.set_mesh(mesh):
-        texts = generate(graphdef, params, encoder, prompts, args.max_bytes, config.data, config.model.compute_dtype,
-                         Sampling(args.temperature, args.top_k, args.top_p, args.seed),
-                         on_bytes=show if len(prompts) == 1 else None, cached=not args.no_cache)
+        if config.model.kind == "eiw":
+            texts = _generate_windows(args, config, graphdef, params, encoder, prompts, sampling, on_bytes)
+        else:
+            texts = generate(graphdef, params, encoder, prompts, args.max_bytes, config.data,
+                             config.model.compute_dtype, sampling, on_bytes=on_bytes, cached=not args.no_cache)
     if len(prompts) > 1:
         out.write(b"\n\n".join(prompt + text for prompt, text in zip(prompts, texts)))
     out.write(b"\n")
     return 0
+
+
+def _generate_windows(args, config, graphdef, params, encoding, prompts, sampling, on_bytes) -> list[bytes]:
+    """An eiw run's samples, decoded by its M1; undecodable windows are reported on stderr."""
+    from hiermodel.compress.files import integer_m1
+    from hiermodel.compress.integer_lm import IntegerPredictor
+    from hiermodel.eval.generate import generate_windows
+
+    if args.no_cache:
+        raise UserError(f"{args.checkpoint}: an eiw model generates with its cache only; drop --no-cache")
+    if not config.model.m1:
+        raise UserError(f"{args.checkpoint}: model.m1 is empty, so there is no M1 to decode its windows with")
+    samples = generate_windows(graphdef, params, encoding, IntegerPredictor(integer_m1(config.model.m1)), prompts,
+                               args.max_bytes, config.data, config.model.compute_dtype, sampling, on_bytes)
+    for row, sample in enumerate(samples):
+        if sample.undecodable:
+            shown = ", ".join(map(str, sample.undecodable[:10])) + (", ..." if len(sample.undecodable) > 10 else "")
+            print(f"\nprompt {row + 1}: {len(sample.undecodable)} of {len(sample.codewords)} sampled windows decode to no "
+                  f"text under M1 ({config.model.m1}) and add nothing: windows {shown}", file=sys.stderr)
+    return [sample.text for sample in samples]
 
 
 def cmd_compare(args) -> int:

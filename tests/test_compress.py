@@ -58,30 +58,109 @@ def test_the_wrong_m1_or_a_broken_directory_is_a_clear_error(m1_run, tmp_path):
         files.decompress(m1_run, tmp_path / "nothing")
 
 
-def test_m2_trains_on_compressed_shards_and_is_scored_in_raw_bytes(m1_run, tmp_path, corpus, capsys):
+@pytest.fixture(scope="module")
+def m2_run(m1_run, tmp_path_factory):
+    """An eiw model trained on windows of English text, and its held-out windows (in eval/)."""
     from hiermodel.train.loop import train
-    from hiermodel.train.metrics import read_metrics
+    from tests.conftest import CORPUS
 
-    text = (corpus / "en_pride_and_prejudice.txt").read_bytes()
+    if not (CORPUS / "SOURCES.md").exists():
+        pytest.skip(f"the shared corpus is not at {CORPUS} (it lives beside the repository, not in it)")
+    tmp_path = tmp_path_factory.mktemp("m2")
+    text = (CORPUS / "en_pride_and_prejudice.txt").read_bytes()
     train_docs = [text[i:i + 600] for i in range(0, 12_000, 600)]
-    eval_docs = [text[20_000:21_000], text[21_000:22_000]]
     files.compress(m1_run, train_docs, tmp_path / "train", num_shards=2)
-    coded = files.compress(m1_run, eval_docs, tmp_path / "eval")
-    run_dir = tmp_path / "m2"
+    files.compress(m1_run, [text[20_000:21_000], text[21_000:22_000]], tmp_path / "eval")
+    run_dir = tmp_path / "run"
     train(micro_config(run_dir=run_dir, **{"model.kind": "eiw", "model.m1": m1_run, "data.row_words": 256,
                                            "data.train": str(tmp_path / "train" / "*.arrayrecord"),
                                            "mesh.data": 1, "train.steps": 12, "train.checkpoint_every": 12,
                                            "train.log_every": 4}), devices=jax.devices()[:1])
-    losses = [entry["loss"] for step, entry in sorted(read_metrics(run_dir).items()) if "loss" in entry]
-    assert losses[-1] < losses[0]
+    return str(run_dir)
+
+
+def test_m2_trains_on_compressed_shards_and_is_scored_in_raw_bytes(m2_run, capsys):
+    from pathlib import Path
+
+    from hiermodel.train.metrics import read_metrics
+
+    run_dir, tmp_path = m2_run, Path(m2_run).parent
+    coded = files.read_summary(tmp_path / "eval")
+    logged = [entry for step, entry in sorted(read_metrics(run_dir).items()) if "loss" in entry]
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    # M1's FLOPs per byte are in M2's (the training FLOPs count M2's alone).
+    m1_per_byte = files.m1_flops_per_byte([str(tmp_path / "train" / "*.arrayrecord")])
+    assert m1_per_byte > 0 and all(entry["flops_per_byte"] > m1_per_byte for entry in logged)
 
     out = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(run_dir), "--data", str(tmp_path / "eval" / "*.arrayrecord"),
                  "--output-json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["bytes"] == sum(map(len, eval_docs))  # raw bytes, not the records' bytes
+    assert result["bytes"] == coded["bytes_in"]  # raw bytes, not the records' bytes
     assert "bits_per_char" not in result  # no text to count characters in
     # Better than the windows themselves (16 bits each, M1's coded rate): M2 learned their order.
     assert result["bpb"] < coded["bits_per_byte"]
     assert main(["eval", "--checkpoint", str(run_dir), "--data", str(tmp_path / "eval"), "--perturb", "swap:0.1"]) == 2
     assert "reads compressed windows" in capsys.readouterr().err
+
+
+def test_m1_flops_per_byte_count_every_m1_step_of_the_coder(m1_run, tmp_path):
+    from hiermodel.compress.integer_lm import IntegerLM
+
+    summary = files.compress(m1_run, DOCUMENTS, tmp_path / "w", batch_size=3, segment_bytes=50)
+    shape = IntegerLM.load(f"{m1_run}/{files.INTEGER_M1_FILE}").shape
+    # The shared BOS step, then one step per byte a window took but its first (whose CDF is
+    # BOS's), and one more for the byte that did not fit.
+    windows, capacity = summary["windows_out"], shape.max_context - 1
+    assert summary["bytes_in"] - windows < summary["m1_positions"] <= windows * capacity + 1
+    assert summary["m1_flops_per_byte"] == pytest.approx(summary["m1_positions"] * shape.position_flops()
+                                                         / summary["bytes_in"])
+    assert files.m1_flops_per_byte([str(tmp_path / "w" / "*.arrayrecord")]) == pytest.approx(
+        summary["m1_flops_per_byte"])
+
+
+def test_m2_generation_decodes_its_windows_with_m1(m2_run, m1_run, capsys):
+    from hiermodel.compress import windows
+    from hiermodel.compress.integer_lm import IntegerPredictor
+    from hiermodel.cli import _load_run
+    from hiermodel.data.documents import encoding
+    from hiermodel.eval.generate import Sampling, generate_windows
+
+    config, mesh, graphdef, params = _load_run(m2_run)
+    predictor = IntegerPredictor(files.integer_m1(m1_run))
+    prompts = [b"It is a truth universally", b""]
+    with jax.set_mesh(mesh):
+        run = lambda prompts, seed: generate_windows(graphdef, params, encoding(config), predictor, prompts, 60,
+                                                     config.data, config.model.compute_dtype, Sampling(seed=seed))
+        samples = run(prompts, 3)
+        assert [run([p], 3 + r)[0] for r, p in enumerate(prompts)] == samples  # row r samples alone from seed + r
+    for sample in samples:
+        assert 0 < len(sample.text) <= 60 and sample.codewords
+        # The text is what M1 makes of the sampled windows, and the undecodable ones are those it cannot.
+        decoded = windows.decode_documents(predictor, [sample.codewords], 16)[0]
+        assert decoded.data[:60] == sample.text
+        assert decoded.invalid_windows.tolist() == sample.undecodable
+
+    assert main(["generate", "--checkpoint", m2_run, "--prompt", "It is a truth universally", "--max-bytes", "30",
+                 "--seed", "3"]) == 0
+    out = capsys.readouterr().out.encode("utf-8", errors="surrogateescape")
+    assert out.startswith(b"It is a truth universally") and len(out) <= len(b"It is a truth universally") + 31
+    assert main(["generate", "--checkpoint", m2_run, "--prompt", "x", "--no-cache"]) == 2
+
+
+def test_a_matched_flops_comparison_charges_m2_for_m1(m2_run, tmp_path):
+    from pathlib import Path
+
+    from hiermodel.eval.compare import bytes_per_step, compare, plan
+    from hiermodel.models.registry import train_flops
+
+    config_file = str(Path(m2_run) / "config.yaml")
+    held_out = f"data.eval={Path(m2_run).parent / 'eval' / '*.arrayrecord'}"
+    [planned] = plan([config_file], [held_out], tmp_path, budget_flops=1e12, budget_bytes=0, curve_points=2)
+    config = planned.config
+    m1_per_byte = files.m1_flops_per_byte(config.data.train)
+    assert planned.m1_flops_per_byte == m1_per_byte > 0
+    model_flops = config.train.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
+    assert planned.step_flops == model_flops + int(m1_per_byte * bytes_per_step(config))
+    with pytest.raises(UserError, match="reads compressed windows"):
+        compare([config_file], [held_out], str(tmp_path / "c"), budget_flops=1e12, perturb=["swap:0.1"])

@@ -1,8 +1,8 @@
 """Compressing documents into window shards with M1, and back (hiermodel compress / decompress).
 
 A shard directory holds ArrayRecord shards of window records (document i is record i // n of
-shard i % n) and summary.json: the counts, and the fingerprint of the integer M1 that coded
-them. M1's integers live in its run directory (m1_integer.npz, made once), so compressor and
+shard i % n) and summary.json: the counts, M1's FLOPs per byte, and the fingerprint of the
+integer M1 that coded them. M1's integers live in its run directory (m1_integer.npz, made once), so compressor and
 decompressor always use the very same model.
 """
 
@@ -53,8 +53,10 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
     output.mkdir(parents=True, exist_ok=True)
     total = sum(map(len, documents))
     started = time.monotonic()
-    records = windows.encode_documents(IntegerPredictor(model, devices), documents, window_bits, batch_size,
-                                       segment_bytes, _Progress(total, "compressed"))
+    predictor = IntegerPredictor(model, devices)
+    records = windows.encode_documents(predictor, documents, window_bits, batch_size, segment_bytes,
+                                       _Progress(total, "compressed"))
+    m1_positions = predictor.positions + 1  # and BOS, once
     seconds = time.monotonic() - started
     paths = [output / f"windows-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
     partial = [p.with_name(p.name + ".partial") for p in paths]
@@ -71,7 +73,8 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
     result = {"documents": len(documents), "bytes_in": summary.bytes_in, "windows_out": summary.windows_out,
               "bytes_per_window": summary.bytes_per_window, "bits_per_byte": summary.bits_per_byte,
               "window_bits": window_bits, "shards": [p.name for p in paths], "m1_run": str(m1_run),
-              "m1_fingerprint": model.fingerprint(), "seconds": seconds, "bytes_per_s": total / max(seconds, 1e-9)}
+              "m1_fingerprint": model.fingerprint(), "m1_positions": m1_positions,
+              "m1_flops_per_byte": m1_positions * model.shape.position_flops() / max(total, 1), "seconds": seconds, "bytes_per_s": total / max(seconds, 1e-9)}
     (output / SUMMARY_FILE).write_text(json.dumps(result, indent=2))
     return result
 
@@ -84,6 +87,34 @@ def read_summary(shard_dir: str | Path) -> dict:
         raise UserError(f"{shard_dir}: not a window shard directory (no {SUMMARY_FILE}; made by hiermodel compress)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def shard_summaries(specs: Sequence[str]) -> list[dict]:
+    """The summaries of the shard directories that hold the files `specs` name (data.train)."""
+    from hiermodel.data.sources import expand
+
+    directories = sorted({str(Path(path).parent) for spec in specs for path in expand(spec)})
+    return [read_summary(directory) | {"directory": directory} for directory in directories]
+
+
+def check_shards_m1(specs: Sequence[str], m1_run: str) -> None:
+    """A UserError unless every shard directory `specs` name was coded by the integer M1 of m1_run."""
+    fingerprint = integer_m1(m1_run).fingerprint()
+    for summary in shard_summaries(specs):
+        if summary["m1_fingerprint"] != fingerprint:
+            raise UserError(f"{summary['directory']}: its windows were coded by the M1 of {summary['m1_run']} "
+                            f"({summary['m1_fingerprint'][:12]}), not by model.m1={m1_run} ({fingerprint[:12]})")
+
+
+def m1_flops_per_byte(specs: Sequence[str]) -> float:
+    """M1's FLOPs per raw byte in compressing the shards `specs` name, weighted by their bytes."""
+    summaries = shard_summaries(specs)
+    missing = [s["directory"] for s in summaries if "m1_flops_per_byte" not in s]
+    if missing:
+        raise UserError(f"{missing[0]}/{SUMMARY_FILE}: no m1_flops_per_byte (compressed by an older hiermodel); "
+                        f"compress it again")
+    total = sum(s["bytes_in"] for s in summaries)
+    return sum(s["m1_flops_per_byte"] * s["bytes_in"] for s in summaries) / max(total, 1)
 
 
 def read_records(shard_dir: str | Path) -> tuple[dict, list[shards.WindowRecord]]:

@@ -2,7 +2,8 @@
 the same held-out documents, and write a Markdown table, a plot and the raw results.
 
 Every number is in bits per raw UTF-8 byte; a matched FLOP budget uses each kind's analytic
-training FLOPs per step (models/registry.py), so step counts differ while compute does not.
+training FLOPs per step (models/registry.py), so step counts differ while compute does not. An
+eiw model's steps also pay for M1 compressing their bytes (the paper's accounting).
 """
 
 import dataclasses
@@ -26,7 +27,7 @@ from hiermodel.models.registry import forward_flops, train_flops
 from hiermodel.text import subword
 from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import open_run
-from hiermodel.train.loop import train
+from hiermodel.train.loop import compression_flops_per_byte, train
 from hiermodel.train.metrics import read_metrics
 from hiermodel.train.sharding import make_mesh
 
@@ -36,7 +37,8 @@ class Plan:
     name: str
     config: Config
     steps: int
-    step_flops: int  # analytic training FLOPs of one step
+    step_flops: int  # analytic training FLOPs of one step (and M1's on its bytes, for eiw)
+    m1_flops_per_byte: float = 0.0
 
 
 def bytes_per_step(config: Config, batches: int = 8) -> float:
@@ -75,6 +77,9 @@ def plan(model_configs: list[str], overrides: list[str], output: Path, budget_fl
             prepare_tokenizer(config, output)
         step_flops = config.train.batch_size * train_flops(config.model, config.data.row_tokens,
                                                            config.data.row_words)
+        m1_per_byte = compression_flops_per_byte(config)
+        if m1_per_byte:
+            step_flops += int(m1_per_byte * bytes_per_step(config))
         per_step = step_flops if budget_flops > 0 else bytes_per_step(config)
         steps = int((budget_flops or budget_bytes) // per_step)
         if steps < curve_points:
@@ -83,7 +88,7 @@ def plan(model_configs: list[str], overrides: list[str], output: Path, budget_fl
         config.train.eval_every = max(1, steps // curve_points)
         config.train.checkpoint_every = config.train.eval_every
         config.train.warmup_steps = min(config.train.warmup_steps, max(1, steps // 10))
-        plans.append(Plan(name, config, steps, step_flops))
+        plans.append(Plan(name, config, steps, step_flops, m1_per_byte))
     return plans
 
 
@@ -122,11 +127,13 @@ def run(plans: list[Plan], perturbations: list[Perturbation], seed: int = 0) -> 
         model = p.config.model
         shape = (model, p.config.data.row_tokens, p.config.data.row_words)
         train_per_byte = statistics.mean(m["flops_per_byte"] for m in steady)
+        model_per_byte = train_per_byte - p.m1_flops_per_byte  # the model's own, without M1's
         results.append({
             "name": p.name, "kind": model.kind, "params": state_lib.num_params(p.config), "steps": p.steps,
             "train_flops": p.steps * p.step_flops,
             "train_flops_per_byte": train_per_byte,
-            "inference_flops_per_byte": train_per_byte * forward_flops(*shape) / train_flops(*shape),
+            "inference_flops_per_byte": model_per_byte * forward_flops(*shape) / train_flops(*shape)
+                                        + p.m1_flops_per_byte,
             "train_bytes_per_s": statistics.median(m["bytes_per_s"] for m in steady),
             "eval_bytes_per_s": final["bytes_per_s"],
             "bpb": final["bpb"], "eval_bytes": final["bytes"],
@@ -180,6 +187,8 @@ def compare(model_configs: list[str], overrides: list[str], output: str, budget_
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     plans = plan(model_configs, overrides, out, budget_flops, budget_bytes, curve_points)
+    if perturbations and any(p.config.model.kind == "eiw" for p in plans):
+        raise UserError("--perturb changes text, and an eiw model reads compressed windows; compare it without")
     results = run(plans, perturbations, seed)
     if jax.process_index() == 0:
         budget = f"{budget_flops:.3g} training FLOPs" if budget_flops else f"{budget_bytes:.3g} training bytes"

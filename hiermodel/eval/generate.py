@@ -94,7 +94,7 @@ def generate(graphdef, params, encoder, prompts: list[bytes], max_bytes: int, da
     elif hasattr(nnx.merge(graphdef, params), "empty_state"):
         rows = _HatCached(graphdef, params, encoder, data, compute_dtype)
     else:
-        rows = _Cached(graphdef, params, encoder, data, compute_dtype)
+        rows = _Cached(graphdef, params, _text_context(encoder, data), data.row_tokens, compute_dtype)
     allowed = encoder.token_bytes > 0  # text tokens, and end-of-text where the model learned it; no BOS
     if encoder.end_id is not None:
         allowed[encoder.end_id] = True
@@ -180,35 +180,42 @@ class _Incremental:
 
 
 class _Cached(_Incremental):
-    """Byte and subword kinds: one new token per row and step; a row whose cache is full starts
-    again from the latest whole words of its text that fit."""
+    """Byte, subword and window kinds: one new token per row and step; a row whose cache is full
+    starts again from `context(text)`, the tokens of the latest part of its text that fits."""
 
-    def __init__(self, graphdef, params, encoder, data: DataConfig, compute_dtype: str):
+    def __init__(self, graphdef, params, context, row_tokens: int, compute_dtype: str):
         super().__init__(graphdef, params, compute_dtype)
-        self.encoder, self.data = encoder, data
+        self.context, self.row_tokens = context, row_tokens
 
-    def start(self, prompts: list[bytes]) -> np.ndarray:
-        self.empty("empty_cache", len(prompts), self.data.row_tokens)
+    def start(self, prompts: list) -> np.ndarray:
+        self.empty("empty_cache", len(prompts), self.row_tokens)
         self.lengths = np.zeros(len(prompts), np.int64)
         return self.advance(prompts, None, np.ones(len(prompts), bool))
 
-    def advance(self, texts: list[bytearray], tokens, active: np.ndarray) -> np.ndarray:
+    def advance(self, texts: list, tokens, active: np.ndarray) -> np.ndarray:
         new, starts = [], []
         for r, text in enumerate(texts):
             if not active[r]:
                 new.append(np.zeros(0, np.int32))
-            elif tokens is None or self.lengths[r] == self.data.row_tokens:
-                batch, last = context_row(text, self.encoder, self.data)
-                new.append(batch["tokens"][0, :last + 1])
+            elif tokens is None or self.lengths[r] == self.row_tokens:
+                new.append(self.context(text))
                 self.lengths[r] = 0
             else:
                 new.append(np.array([tokens[r]], np.int32))
             starts.append(self.lengths[r])
-        width = min(_bucket(max(len(n) for n in new)), self.data.row_tokens)
+        width = min(_bucket(max(len(n) for n in new)), self.row_tokens)
         positions = [start + np.arange(len(n)) for start, n in zip(starts, new)]
         self.lengths += [len(n) for n in new]
         last = np.array([max(len(n) - 1, 0) for n in new], np.int32)
-        return self.run(last, _padded(new, width, 0), _padded(positions, width, self.data.row_tokens))
+        return self.run(last, _padded(new, width, 0), _padded(positions, width, self.row_tokens))
+
+
+def _text_context(encoder, data: DataConfig):
+    def context(text) -> np.ndarray:
+        batch, last = context_row(text, encoder, data)
+        return batch["tokens"][0, :last + 1]
+
+    return context
 
 
 class _HatRow:
@@ -291,3 +298,59 @@ class _HatCached(_Incremental):
                         _padded(get("word_starts"), u, 0), _padded(get("word_lengths"), u, 1),
                         _padded(get("word_positions"), u, w), _padded(get("decode"), s, t),
                         _padded(get("reads"), s, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSample:
+    """What an eiw model (M2) generated for one prompt: the bytes its windows decode to (at most
+    max_bytes of them), the windows it sampled, and those that no byte string encodes to under M1
+    (they add no bytes)."""
+
+    text: bytes
+    codewords: list[int]
+    undecodable: list[int]  # indices into codewords
+
+
+def generate_windows(graphdef, params, encoding, predictor, prompts: list[bytes], max_bytes: int, data: DataConfig,
+                     compute_dtype: str, sampling: Sampling = Sampling(), on_bytes=None) -> list[WindowSample]:
+    """Continue each prompt with an eiw model: M1 (`predictor`) codes the prompt into windows, M2
+    samples window tokens, and M1 decodes each window as soon as its tokens are complete. A row
+    stops after max_bytes bytes, or after max_bytes windows if too many are undecodable."""
+    from hiermodel.compress import shards, windows
+
+    bits, per_window = encoding.window_bits, encoding.window_bits // encoding.token_bits
+    records = windows.encode_documents(predictor, prompts, bits, segment_bytes=None)
+    histories = [list(encoding.document(shards.pack(record)).tokens) for record in records]
+    # After a full cache, keep the latest whole windows that fill half a row, so restarts are rare.
+    keep = max(per_window, data.row_tokens // 2 // per_window * per_window)
+    rows = _Cached(graphdef, params, lambda history: np.array(history[-keep - (len(history) - 1) % per_window:],
+                                                              np.int32), data.row_tokens, compute_dtype)
+    allowed = np.arange(encoding.vocab_size) < encoding.bos_id  # window tokens only
+    rngs = [np.random.default_rng(sampling.seed + r) for r in range(len(prompts))]
+    texts = [bytearray() for _ in prompts]
+    sampled = [[] for _ in prompts]
+    undecodable = [[] for _ in prompts]
+    logits_BxV = rows.start(histories)
+    active = np.ones(len(prompts), bool)
+    while active.any():
+        tokens = np.zeros(len(prompts), np.int32)
+        for r in np.flatnonzero(active):
+            tokens[r] = sample(logits_BxV[r], allowed[:logits_BxV.shape[1]], rngs[r], sampling)
+            histories[r].append(int(tokens[r]))
+        complete = [r for r in np.flatnonzero(active) if (len(histories[r]) - 1) % per_window == 0]
+        codewords = [shards.tokens_to_windows(np.array(histories[r][-per_window:]), bits, encoding.token_bits)
+                     for r in complete]
+        # Decoded in batches of every row, so that one compiled M1 step serves each call.
+        for r, codeword, decoded in zip(complete, codewords,
+                                        windows.decode_documents(predictor, codewords, bits, len(prompts))):
+            if len(decoded.invalid_windows):
+                undecodable[r].append(len(sampled[r]))
+            sampled[r].append(int(codeword[0]))
+            piece = decoded.data[:max_bytes - len(texts[r])]
+            texts[r] += piece
+            if on_bytes is not None and piece:
+                on_bytes(int(r), piece)
+        active = np.array([len(t) < max_bytes and len(n) < max_bytes for t, n in zip(texts, sampled)])
+        if active.any():
+            logits_BxV = rows.advance(histories, tokens, active)
+    return [WindowSample(bytes(t), n, u) for t, n, u in zip(texts, sampled, undecodable)]

@@ -57,6 +57,19 @@ def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
+def compression_flops_per_byte(config: Config) -> float:
+    """M1's FLOPs per raw byte for an eiw model (from its shards' summaries; counted in its
+    flops_per_byte, as the paper counts them), 0 for the other kinds. An eiw run that names its
+    M1 must be trained on windows that M1 made."""
+    if config.model.kind != "eiw":
+        return 0.0
+    from hiermodel.compress import files
+
+    if config.model.m1:
+        files.check_shards_m1(config.data.train, config.model.m1)
+    return files.m1_flops_per_byte(config.data.train)
+
+
 def validate(config: Config, mesh) -> None:
     check_kind(config.model)
     t = config.train
@@ -109,6 +122,7 @@ def train(config: Config, devices=None) -> dict:
     tx = optimizer(config.train)
     lr_at = schedule(config.train)
     peak = peak_flops_per_device(config) * mesh.size
+    m1_per_byte = compression_flops_per_byte(config)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
         checkpointer = Checkpointer(run_dir, config.train.keep_checkpoints)
@@ -144,7 +158,7 @@ def train(config: Config, devices=None) -> dict:
         score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
         try:
             return _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer,
-                         writer, lr_at, peak, mesh)
+                         writer, lr_at, peak, mesh, m1_per_byte)
         finally:
             checkpointer.wait()
             checkpointer.close()
@@ -153,7 +167,7 @@ def train(config: Config, devices=None) -> dict:
 
 
 def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer, writer, lr_at, peak,
-          mesh):
+          mesh, m1_per_byte):
     t = config.train
     step_flops = t.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
     start = int(state["step"])
@@ -195,7 +209,8 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                     "grad_norm": float(m["grad_norm"]),
                     "param_norm": float(m["param_norm"]),
                     "lr": float(lr_at(done - 1)), "bytes_per_s": window_bytes / elapsed,
-                    "words_per_s": window_words / elapsed, "flops_per_byte": flops / max(window_bytes, 1),
+                    "words_per_s": window_words / elapsed,
+                    "flops_per_byte": flops / max(window_bytes, 1) + m1_per_byte,
                     "mfu": flops / elapsed / peak, "train_flops": float(step_flops * done),
                 }
                 if "alpha" in m:
