@@ -154,3 +154,27 @@ def test_a_resumed_gated_run_continues_the_controller_exactly(tmp_path):
     assert a[8]["alpha"] != 0.0
     assert [a[s]["alpha"] for s in range(5, 9)] == [b[s]["alpha"] for s in range(5, 9)]
     assert [a[s]["loss"] for s in range(5, 9)] == [b[s]["loss"] for s in range(5, 9)]
+
+
+def test_a_trained_model_continues_with_a_fresh_delete_gate(tmp_path):
+    from hiermodel.cli import _load_run
+    from hiermodel.train.loop import train
+
+    base = micro_config(run_dir=tmp_path / "base", **{"mesh.data": 1, "train.steps": 2})
+    train(base, devices=jax.devices()[:1])
+    # One step at the first warmup learning rate (0): every weight stays what it was restored as.
+    gated = micro_config(run_dir=tmp_path / "gated", init_from=str(tmp_path / "base"),
+                         **{"mesh.data": 1, "model.gate.layer": 1, "train.steps": 1, "train.warmup_steps": 2})
+    train(gated, devices=jax.devices()[:1])
+    _, _, _, before = _load_run(str(tmp_path / "base"))
+    _, _, _, after = _load_run(str(tmp_path / "gated"))
+    fresh = nnx.to_pure_dict(nnx.state(build(gated.model, nnx.Rngs(gated.seed)), nnx.Param))
+    assert set(after) == set(before) | {"gate"}
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves({k: after[k] for k in before}),
+                                                     jax.tree.leaves(before)))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(after["gate"]), jax.tree.leaves(fresh["gate"])))
+    # Anything else that differs from the trained model is refused.
+    with pytest.raises(UserError, match="differs"):
+        train(micro_config(run_dir=tmp_path / "wider", init_from=str(tmp_path / "base"),
+                           **{"mesh.data": 1, "model.gate.layer": 1, "model.backbone_mlp_dim": 256}),
+              devices=jax.devices()[:1])

@@ -1,5 +1,6 @@
 """The training loop: data, state, jit'd step, logging, evaluation, checkpoints, signals."""
 
+import dataclasses
 import functools
 import math
 import signal
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import yaml
 
-from hiermodel.config import Config, from_dict, to_dict
+from hiermodel.config import Config, ModelConfig, from_dict, to_dict
 from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
@@ -55,6 +56,11 @@ def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     for _ in range(repeats):
         matmul(a).block_until_ready()
     return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def _adds_gate(source: ModelConfig, target: ModelConfig) -> bool:
+    """Whether `target` is `source` with a delete gate added (MrT5's setting: gating a trained model)."""
+    return bool(target.gate.layer) and not source.gate.layer and dataclasses.replace(source, gate=target.gate) == target
 
 
 def compression_flops_per_byte(config: Config) -> float:
@@ -132,12 +138,16 @@ def train(config: Config, devices=None) -> dict:
             state = checkpointer.restore(resume_step, layout.abstract, data_iterator)
         elif config.init_from:
             source_run, source_step, source_config = open_run(config.init_from)
-            if from_dict(source_config).model != config.model:
-                raise UserError(f"init_from={config.init_from}: its model config differs from this run's")
-            writer.info(f"initialising weights from {config.init_from} step {source_step}")
-            params = source_run.restore_params(source_step, layout.abstract["params"])
+            adds_gate = _adds_gate(from_dict(source_config).model, config.model)
+            if from_dict(source_config).model != config.model and not adds_gate:
+                raise UserError(f"init_from={config.init_from}: its model config differs from this run's (a delete "
+                                f"gate, model.gate, is the one thing a continued run may add)")
+            writer.info(f"initialising weights from {config.init_from} step {source_step}"
+                        + ("; the delete gate starts fresh" if adds_gate else ""))
+            wanted = {k: v for k, v in layout.abstract["params"].items() if not (adds_gate and k == "gate")}
+            params = source_run.restore_params(source_step, wanted)
             source_run.close()
-            state = state_lib.with_params(params, tx, layout)
+            state = state_lib.with_params(params, tx, layout, config if adds_gate else None)
         else:
             state = state_lib.initialize(config, tx, layout)
         if jax.process_index() == 0:
@@ -226,7 +236,9 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
             if eval_source is not None and (done % t.eval_every == 0 or done == t.steps):
                 result = score_source(score_fn, state["params"], eval_source, encoder.document, config.data,
                                       t.batch_size, mesh, max_rows=t.eval_rows, text=encoder.reads_text)
-                languages = result["per_language"] if len(result["per_language"]) > 1 else {}
+                # Languages that eval_rows left out have no bytes (and no bits per byte).
+                languages = {name: entry for name, entry in result["per_language"].items() if entry["bytes"]}
+                languages = languages if len(languages) > 1 else {}
                 writer.write(done, {"bpb": result["bpb"], "bytes": result["bytes"],
                                     **{f"bpb_{name}": entry["bpb"] for name, entry in languages.items()}},
                              prefix="eval")

@@ -82,7 +82,15 @@ def initialize(config: Config, tx: optax.GradientTransformation, state_layout: S
     return jax.jit(init, out_shardings=state_layout.shardings)()
 
 
-def with_params(params, tx: optax.GradientTransformation, state_layout: StateLayout) -> dict:
-    """A train state at step 0 around given parameters (continued pretraining)."""
+def with_params(params, tx: optax.GradientTransformation, state_layout: StateLayout, config: Config | None = None) -> dict:
+    """A train state at step 0 around given parameters (continued pretraining); with `config`,
+    the parts of its model that `params` lacks (a delete gate added to a trained model) start as
+    a fresh model's."""
     gated = "gate" in state_layout.shardings
-    return jax.jit(lambda p: _step_zero(p, tx, gated), out_shardings=state_layout.shardings)(params)
+
+    def init(params):
+        if config is not None:
+            params = {**nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(config.seed)), nnx.Param)), **params}
+        return _step_zero(params, tx, gated)
+
+    return jax.jit(init, out_shardings=state_layout.shardings)(params)
