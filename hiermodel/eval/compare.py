@@ -137,7 +137,9 @@ def run(plans: list[Plan], perturbations: list[Perturbation], seed: int = 0) -> 
             "train_bytes_per_s": statistics.median(m["bytes_per_s"] for m in steady),
             "eval_bytes_per_s": final["bytes_per_s"],
             "bpb": final["bpb"], "eval_bytes": final["bytes"],
-            "bpb_by_language": {k: v["bpb"] for k, v in final["per_language"].items() if v["bytes"]},
+            # Window shards keep no file names, so an eiw model has no languages to report.
+            "bpb_by_language": {k: v["bpb"] for k, v in final["per_language"].items()
+                                if v["bytes"] and encoding(p.config).reads_text},
             "degradation": final["perturbations"],
             "curve": [(step * p.step_flops, m["bpb"]) for step, m in sorted(read_metrics(p.config.run_dir, "eval").items())],
         })
