@@ -24,6 +24,10 @@ class GateConfig:
     logit_cap: float = 10.0  # soft cap on attention logits after the gate; below |k| / 2 no logit outweighs a deletion
     capacity_slack: float = 1.15  # hard deletion keeps ceil(N * (1 - target) * slack) positions
     mode: str = "learned"  # or random: each position deleted with probability `target` (the baseline)
+    # The gate reads its input without shaping it: alpha's gradient then trains only the gate.
+    # Otherwise the layers under the gate learn to move every score at once, and on a HAT
+    # backbone (where deleting words barely costs loss) the rate swings past the target.
+    detach: bool = False
 
 
 @dataclasses.dataclass

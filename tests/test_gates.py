@@ -93,6 +93,26 @@ def test_bad_gate_settings_are_rejected():
             check_kind(micro_config(**{"model.kind": "byte", "model.gate.layer": 1, **overrides}).model)
 
 
+@pytest.mark.parametrize("kind", ["byte", "hat"])
+def test_a_detached_gate_is_the_only_part_its_regulariser_trains(kind):
+    def regulariser_grads(detach: bool) -> dict:
+        model, _ = gated_model(kind, **{"model.gate.detach": detach})
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def mean_gate(params):
+            _, stats = gates.forward(nnx.merge(graphdef, params), batch_of(TEXT, SECOND))
+            return (stats["gates"] * stats["valid"]).sum() / stats["valid"].sum()
+
+        return nnx.to_pure_dict(jax.grad(mean_gate)(params))
+
+    norm = lambda tree: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(tree)))
+    attached, detached = regulariser_grads(False), regulariser_grads(True)
+    below_gate = [part for part in attached if part not in ("gate", "head", "norm")]
+    assert norm(detached["gate"]) > 0 and norm(attached["gate"]) == pytest.approx(norm(detached["gate"]))
+    assert norm({p: attached[p] for p in below_gate}) > 0
+    assert norm({p: detached[p] for p in below_gate}) == 0.0
+
+
 def train_gated(run_dir, steps: int, corpus=None, **overrides):
     from hiermodel.train.loop import train
 

@@ -36,6 +36,8 @@ class DeleteGate(nnx.Module):
             deleted_BxN = jax.random.uniform(key, tokens_BxN.shape) < self.cfg.target
             gates_BxN = jnp.where(deleted_BxN, k, 0.0)
         else:
+            if self.cfg.detach:
+                h_BxNxD = jax.lax.stop_gradient(h_BxNxD)
             score_BxN = (self.norm(h_BxNxD) @ self.w[...].astype(h_BxNxD.dtype))[..., 0].astype(jnp.float32)
             gates_BxN = k * jax.nn.sigmoid(-(score_BxN + self.b[...][0]))
         return jnp.where(valid_BxN, jnp.where(keep_BxN, 0.0, gates_BxN), k)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import yaml
 
-from hiermodel.config import Config, ModelConfig, from_dict, to_dict
+from hiermodel.config import Config, GateConfig, ModelConfig, from_dict, to_dict
 from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
@@ -58,9 +58,11 @@ def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
-def _adds_gate(source: ModelConfig, target: ModelConfig) -> bool:
-    """Whether `target` is `source` with a delete gate added (MrT5's setting: gating a trained model)."""
-    return bool(target.gate.layer) and not source.gate.layer and dataclasses.replace(source, gate=target.gate) == target
+def _ungated(model: ModelConfig, gate: GateConfig) -> ModelConfig:
+    """`model` with `gate` in place of its gate settings if it has no gate (they are unused then):
+    what a continued run must equal, so that it may add a gate (MrT5's setting: gating a trained
+    model) or set an absent gate's fields."""
+    return model if model.gate.layer else dataclasses.replace(model, gate=gate)
 
 
 def compression_flops_per_byte(config: Config) -> float:
@@ -138,8 +140,9 @@ def train(config: Config, devices=None) -> dict:
             state = checkpointer.restore(resume_step, layout.abstract, data_iterator)
         elif config.init_from:
             source_run, source_step, source_config = open_run(config.init_from)
-            adds_gate = _adds_gate(from_dict(source_config).model, config.model)
-            if from_dict(source_config).model != config.model and not adds_gate:
+            source_model = from_dict(source_config).model
+            adds_gate = bool(config.model.gate.layer) and not source_model.gate.layer
+            if _ungated(source_model, config.model.gate) != config.model:
                 raise UserError(f"init_from={config.init_from}: its model config differs from this run's (a delete "
                                 f"gate, model.gate, is the one thing a continued run may add)")
             writer.info(f"initialising weights from {config.init_from} step {source_step}"
