@@ -2,8 +2,8 @@
 
 A shard directory holds ArrayRecord shards of window records (document i is record i // n of
 shard i % n) and summary.json: the counts, M1's FLOPs per byte, and the fingerprint of the
-integer M1 that coded them. M1's integers live in its run directory (m1_integer.npz, made once), so compressor and
-decompressor always use the very same model.
+integer M1 that coded them. M1's integers live in its run directory (m1_integer.npz, made once),
+so compressor and decompressor always use the very same model.
 """
 
 import json
@@ -74,7 +74,8 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
               "bytes_per_window": summary.bytes_per_window, "bits_per_byte": summary.bits_per_byte,
               "window_bits": window_bits, "shards": [p.name for p in paths], "m1_run": str(m1_run),
               "m1_fingerprint": model.fingerprint(), "m1_positions": m1_positions,
-              "m1_flops_per_byte": m1_positions * model.shape.position_flops() / max(total, 1), "seconds": seconds, "bytes_per_s": total / max(seconds, 1e-9)}
+              "m1_flops_per_byte": m1_positions * model.shape.position_flops() / max(total, 1),
+              "seconds": seconds, "bytes_per_s": total / max(seconds, 1e-9)}
     (output / SUMMARY_FILE).write_text(json.dumps(result, indent=2))
     return result
 

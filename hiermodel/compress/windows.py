@@ -167,6 +167,25 @@ def _grown(buffer_BxN: np.ndarray, needed: int, limit: int) -> np.ndarray:
     return np.pad(buffer_BxN, ((0, 0), (0, new_width - width)))
 
 
+def _drive(predictor, feed_B, count_B, busy, advance):
+    """Step the predictor until no row is busy. advance(rows, cdf_Rx257) moves the rows one byte
+    and updates feed_B and count_B in place; a row at count 0 (its window just opened) moves with
+    BOS's CDF, which the first step computed, and the predictor sees it again at position 1."""
+    state, cdf_Bx257 = predictor.step(predictor.start(len(feed_B)), feed_B, count_B.astype(np.int32))
+    bos_cdf_1x257 = cdf_Bx257[:1]
+    while True:
+        rows = np.flatnonzero(busy() & (count_B > 0))
+        if len(rows):
+            advance(rows, cdf_Bx257 if len(rows) == len(cdf_Bx257) else cdf_Bx257[rows])
+        # An opened window may close at once (a segment's last byte), so repeat until every busy
+        # row has a byte to feed.
+        while len(opening := np.flatnonzero(busy() & (count_B == 0))):
+            advance(opening, np.repeat(bos_cdf_1x257, len(opening), axis=0))
+        if not busy().any():
+            return
+        state, cdf_Bx257 = predictor.step(state, feed_B, count_B.astype(np.int32))
+
+
 class _Encoder:
     """Rows each code one segment, a window at a time; cursor == end marks an idle row."""
 
@@ -186,20 +205,9 @@ class _Encoder:
 
     def run(self):
         self._refill()
-        batch = len(self.cursor_B)
         if not self._active().any():
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        state, cdf_Bx257 = self.predictor.step(self.predictor.start(batch), self.feed_B, self.count_B.astype(np.int32))
-        bos_cdf_1x257 = cdf_Bx257[:1]
-        while True:
-            self._code(np.flatnonzero(self._active() & (self.count_B > 0)), cdf_Bx257)
-            # A window that opens codes its first byte with BOS's CDF; it may close at once (a
-            # segment's last byte), so repeat until every busy row has a byte to feed.
-            while len(opening := np.flatnonzero(self._active() & (self.count_B == 0))):
-                self._code(opening, np.broadcast_to(bos_cdf_1x257, (len(opening), bos_cdf_1x257.shape[1])))
-            if not self._active().any():
-                break
-            state, cdf_Bx257 = self.predictor.step(state, self.feed_B, self.count_B.astype(np.int32))
+        _drive(self.predictor, self.feed_B, self.count_B, self._active, self._code)
         self.meter.add(0, final=True)
         if not self.closed:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -209,12 +217,7 @@ class _Encoder:
         return self.cursor_B < self.end_B
 
     def _code(self, rows, cdf_Rx257):
-        """Rows take their next byte under their CDFs (cdf_Rx257: one per row, or all of the batch);
-        those that close do, and idle rows get new segments."""
-        if not len(rows):
-            return
-        if len(cdf_Rx257) != len(rows):
-            cdf_Rx257 = cdf_Rx257[rows]
+        """Rows take their next byte under their CDFs; those that close do, and idle rows get new segments."""
         self._close(rows[self._take_next_byte(rows, cdf_Rx257)])
         self._refill()
 
@@ -278,28 +281,14 @@ class _Decoder:
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         """Bytes per window (-1: undecodable) and the decodable windows' bytes joined in window order."""
         self._refill()
-        batch = len(self.window_B)
         if not (self.window_B >= 0).any():
             return self.lengths_W, np.zeros(0, np.uint8)
-        state, cdf_Bx257 = self.predictor.step(self.predictor.start(batch), self.feed_B, self.count_B.astype(np.int32))
-        bos_cdf_1x257 = cdf_Bx257[:1]
-        while True:
-            self._decode(np.flatnonzero((self.window_B >= 0) & (self.count_B > 0)), cdf_Bx257)
-            while len(opening := np.flatnonzero((self.window_B >= 0) & (self.count_B == 0))):
-                self._decode(opening, np.broadcast_to(bos_cdf_1x257, (len(opening), bos_cdf_1x257.shape[1])))
-            if not (self.window_B >= 0).any():
-                break
-            state, cdf_Bx257 = self.predictor.step(state, self.feed_B, self.count_B.astype(np.int32))
+        _drive(self.predictor, self.feed_B, self.count_B, lambda: self.window_B >= 0, self._decode)
         self.meter.add(0, final=True)
         return self.lengths_W, self._joined_in_window_order()
 
     def _decode(self, rows, cdf_Rx257):
-        """Rows decode their next byte (cdf_Rx257: one per row, or all of the batch); finished
-        windows are recorded and idle rows get new ones."""
-        if not len(rows):
-            return
-        if len(cdf_Rx257) != len(rows):
-            cdf_Rx257 = cdf_Rx257[rows]
+        """Rows decode their next byte; finished windows are recorded and idle rows get new ones."""
         done_R, invalid_R = self._decode_next_byte(rows, cdf_Rx257)
         self._finish(rows[done_R], rows[invalid_R])
         self._refill()

@@ -128,6 +128,8 @@ def run(plans: list[Plan], perturbations: list[Perturbation], seed: int = 0) -> 
         shape = (model, p.config.data.row_tokens, p.config.data.row_words)
         train_per_byte = statistics.mean(m["flops_per_byte"] for m in steady)
         model_per_byte = train_per_byte - p.m1_flops_per_byte  # the model's own, without M1's
+        # Window shards keep no file names, so an eiw model has no languages to report.
+        languages = final["per_language"] if encoding(p.config).reads_text else {}
         results.append({
             "name": p.name, "kind": model.kind, "params": state_lib.num_params(p.config), "steps": p.steps,
             "train_flops": p.steps * p.step_flops,
@@ -137,9 +139,7 @@ def run(plans: list[Plan], perturbations: list[Perturbation], seed: int = 0) -> 
             "train_bytes_per_s": statistics.median(m["bytes_per_s"] for m in steady),
             "eval_bytes_per_s": final["bytes_per_s"],
             "bpb": final["bpb"], "eval_bytes": final["bytes"],
-            # Window shards keep no file names, so an eiw model has no languages to report.
-            "bpb_by_language": {k: v["bpb"] for k, v in final["per_language"].items()
-                                if v["bytes"] and encoding(p.config).reads_text},
+            "bpb_by_language": {k: v["bpb"] for k, v in languages.items() if v["bytes"]},
             "degradation": final["perturbations"],
             "curve": [(step * p.step_flops, m["bpb"]) for step, m in sorted(read_metrics(p.config.run_dir, "eval").items())],
         })
