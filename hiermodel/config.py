@@ -28,6 +28,11 @@ class GateConfig:
     # Otherwise the layers under the gate learn to move every score at once, and on a HAT
     # backbone (where deleting words barely costs loss) the rate swings past the target.
     detach: bool = False
+    # > 0: the gate's own parameters train by plain SGD at this learning rate, outside the
+    # gradient clipping. Adam moves every gate weight a full step for any non-zero alpha, so the
+    # rate answers alpha's sign, not its size, and the controller overshoots; under SGD alpha's
+    # push is proportional to alpha.
+    sgd_lr: float = 0.0
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ def per_device_bytes(tree) -> int:
 
 def expected_arguments(config, devices) -> int:
     mesh = make_mesh(config.mesh, devices)
-    layout = state_lib.layout(config, optimizer(config.train), mesh)
+    layout = state_lib.layout(config, optimizer(config.train, config.model.gate), mesh)
     batch = batch_shapes(config, config.train.batch_size, batch_sharding(mesh))
     del batch["tags"]  # the step never reads it, and jit drops unused arguments
     return per_device_bytes(layout.abstract) + per_device_bytes(batch)

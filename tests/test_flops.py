@@ -30,7 +30,7 @@ CASES = {
 def xla_flops(config, rows: int = 4) -> tuple[float, float]:
     """(train step, scoring forward) FLOPs of the compiled programs on one device."""
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    tx = optimizer(config.train)
+    tx = optimizer(config.train, config.model.gate)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
         step = jax.jit(make_train_step(layout.graphdef, tx, config.train, config.model))

@@ -1,11 +1,13 @@
 """Delete gates: hard deletion equals soft deletion when gates saturate, causality, the
-controller on real text, a learned gate against random deletion, the controller in checkpoints."""
+controller on real text (byte model; HAT gated after training, by SGD), a learned gate against
+random deletion, the gate's SGD, the controller in checkpoints."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -88,7 +90,8 @@ def test_segment_starts_are_always_kept():
 def test_bad_gate_settings_are_rejected():
     for overrides, message in [({"model.gate.layer": 2}, "at least one layer"),
                                ({"model.gate.logit_cap": 20.0}, "logit_cap"),
-                               ({"model.gate.mode": "fixed"}, "learned or random")]:
+                               ({"model.gate.mode": "fixed"}, "learned or random"),
+                               ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001")]:
         with pytest.raises(UserError, match=message):
             check_kind(micro_config(**{"model.kind": "byte", "model.gate.layer": 1, **overrides}).model)
 
@@ -160,6 +163,25 @@ def test_the_controller_holds_the_target_rate_and_a_learned_gate_beats_random_de
     del graphdef
 
 
+def test_a_gate_added_to_a_trained_hat_holds_the_target_rate_when_trained_by_sgd(tmp_path, corpus):
+    """MrT5's setting on the HAT backbone, where deleting words costs little: under Adam the
+    rate cycles between none and most words; under SGD the controller holds it."""
+    from hiermodel.train.loop import train
+    from hiermodel.train.metrics import read_metrics
+
+    data = {"data.train": f"{corpus}/en_*", "data.eval": f"{corpus}/en_*", "data.chunk_bytes": 4000,
+            "data.holdout": 0.02, "train.log_every": 1}
+    train(micro_config(run_dir=tmp_path / "base", **{"train.steps": 80, "train.checkpoint_every": 80,
+                                                      "train.learning_rate": 3e-3, "train.warmup_steps": 10, **data}))
+    train(micro_config(run_dir=tmp_path / "gated", init_from=str(tmp_path / "base"),
+                       **{"train.steps": 100, "train.learning_rate": 1e-3, "train.warmup_steps": 5,
+                          "model.gate.layer": 1, "model.gate.target": 0.3, "model.gate.detach": True,
+                          "model.gate.kp": 0.5, "model.gate.ki": 1e-5, "model.gate.sgd_lr": 5e-4, **data}))
+    logged = read_metrics(tmp_path / "gated")
+    realised = np.mean([logged[s]["deletion"] for s in range(61, 101)])
+    assert abs(realised - 0.3) < 0.1, f"deleted {realised:.1%} over the last 40 steps, target 30%"
+
+
 def test_a_resumed_gated_run_continues_the_controller_exactly(tmp_path):
     import shutil
 
@@ -198,3 +220,38 @@ def test_a_trained_model_continues_with_a_fresh_delete_gate(tmp_path):
         train(micro_config(run_dir=tmp_path / "wider", init_from=str(tmp_path / "base"),
                            **{"mesh.data": 1, "model.gate.layer": 1, "model.backbone_mlp_dim": 256}),
               devices=jax.devices()[:1])
+
+
+
+def test_a_gate_trained_by_sgd_steps_by_its_gradient_and_stays_out_of_the_clipping():
+    from hiermodel.train.step import optimizer
+
+    config = micro_config(**{"model.gate.layer": 1, "model.gate.sgd_lr": 0.1, "train.clip_norm": 1.0})
+    params = nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(0)), nnx.Param))
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    small = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+    small = jax.tree.map(lambda g: 0.1 * g / optax.tree.norm(small), small)  # far below the clipping norm
+    # Step 1: a huge gradient on the gate only; step 2: none on it.
+    steps = [{**small, "gate": jax.tree.map(lambda g: 1e3 * g, small["gate"])},
+             {**small, "gate": jax.tree.map(jnp.zeros_like, small["gate"])}]
+
+    def run(tx, gradients):
+        state, updates = tx.init(params), []
+        for g in gradients:
+            update, state = tx.update(g, state, params)
+            updates.append(update)
+        return updates
+
+    by_sgd = run(optimizer(config.train, config.model.gate), steps)
+    assert all(np.allclose(u, -0.1 * g) for u, g in zip(jax.tree.leaves(by_sgd[0]["gate"]),
+                                                        jax.tree.leaves(steps[0]["gate"])))
+    # The rest moves as AdamW without the gate: never clipped. Had the gate's gradient counted in
+    # the norm, step 1 would have been scaled down and step 2 not, which Adam's step 2 shows.
+    rest = lambda tree: [x for k, v in tree.items() if k != "gate" for x in jax.tree.leaves(v)]
+    config.model.gate.sgd_lr = 0.0
+    adamw = optimizer(config.train, config.model.gate)
+    alone = run(adamw, [{**g, "gate": jax.tree.map(jnp.zeros_like, g["gate"])} for g in steps])
+    together = run(adamw, steps)
+    assert any(np.abs(u).max() > 0 for u in rest(by_sgd[1]))
+    assert all(np.allclose(u, e, atol=1e-9) for u, e in zip(rest(by_sgd[1]), rest(alone[1])))
+    assert not all(np.allclose(u, e, atol=1e-9) for u, e in zip(rest(by_sgd[1]), rest(together[1])))

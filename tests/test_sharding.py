@@ -33,7 +33,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
 
 def test_checkpoint_saved_on_eight_devices_restores_on_other_meshes(tmp_path):
     config, _ = run(tmp_path, "saved", "2x2x2", **{"train.steps": 2})
-    tx = optimizer(config.train)
+    tx = optimizer(config.train, config.model.gate)
     restored = {}
     for mesh_name in ("2x2x2", "1", "1x4x2"):
         data, fsdp, tensor = MESHES[mesh_name]
@@ -62,7 +62,7 @@ def test_a_run_resumed_on_a_different_mesh_continues_identically(tmp_path):
 def test_parameters_are_sharded_by_the_rules():
     config = micro_config()
     mesh = make_mesh(MeshConfig(2, 2, 2))
-    layout = state_lib.layout(config, optimizer(config.train), mesh)
+    layout = state_lib.layout(config, optimizer(config.train, config.model.gate), mesh)
     spec = lambda sharding: tuple(sharding.spec)
     mlp = layout.shardings["params"]["backbone"][0]["mlp"]
     assert spec(mlp["w_up"]) == ("fsdp", "tensor") and spec(mlp["w_down"]) == ("tensor", "fsdp")
@@ -98,7 +98,7 @@ def test_logged_loss_covers_every_step_since_the_last_line(tmp_path):
 
 def test_frozen_parts_keep_their_initial_weights(tmp_path):
     config, losses = run(tmp_path, "frozen", "2x2x2", **{"train.steps": 2, "train.freeze": "embed,encoder"})
-    tx = optimizer(config.train)
+    tx = optimizer(config.train, config.model.gate)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)

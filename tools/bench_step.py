@@ -35,7 +35,7 @@ def bench(config, steps: int, warmup: int) -> dict:
     iterator = iter(batches)
     local = [next(iterator) for _ in range(warmup + steps)]
     iterator.close()
-    tx = optimizer(config.train)
+    tx = optimizer(config.train, config.model.gate)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
         state = state_lib.initialize(config, tx, layout)

@@ -46,19 +46,33 @@ def _score(config, deletion: str) -> dict:
                             config.data, config.train.batch_size, mesh)
 
 
+def training_rate(run_dir) -> dict | None:
+    """Deletion in training over the second half of the run's logs: mean, min and max of the
+    logged intervals (None without a gate)."""
+    from hiermodel.train.metrics import read_metrics
+
+    logged = read_metrics(run_dir)
+    steps = sorted(logged)
+    rates = [logged[s]["deletion"] for s in steps[len(steps) // 2:] if "deletion" in logged[s]]
+    return {"mean": sum(rates) / len(rates), "min": min(rates), "max": max(rates)} if rates else None
+
+
 def markdown(results: list[dict]) -> str:
     languages = sorted(results[0]["hard"]["per_language"])
-    lines = ["| run | target | bpb (hard) | bpb (soft) | deleted (hard) | deleted (soft) | overflow | positions after gate | "
+    lines = ["| run | target | bpb (hard) | bpb (soft) | deleted (hard) | deleted (soft) | deleted in training "
+             "(2nd half: mean, min-max) | overflow | positions after gate | "
              + " | ".join(f"deleted {lang}" for lang in languages) + " | eval bytes/s (hard) | eval bytes/s (soft) |",
-             "|---" * (10 + len(languages)) + "|"]
+             "|---" * (11 + len(languages)) + "|"]
     for r in results:
         hard, soft = r["hard"], r["soft"]
         rate = lambda entry: f"{entry['deletion_rate']:.1%}" if "deletion_rate" in entry else "-"
         per_language = " | ".join(rate(hard["per_language"][lang]) for lang in languages)
         overflow = f"{hard['overflow_rate']:.2%}" if "overflow_rate" in hard else "-"
         computed = f"{hard['positions_after_gate']:.1%}" if "positions_after_gate" in hard else "100%"
+        t = r.get("training_rate")
+        trained = f"{t['mean']:.1%} ({t['min']:.1%}-{t['max']:.1%})" if t else "-"
         lines.append(f"| {r['name']} | {r['target']} | {hard['bpb']:.4f} | {soft['bpb']:.4f} | {rate(hard)} | "
-                     f"{rate(soft)} | {overflow} | {computed} | {per_language} | {hard['bytes_per_s']:,.0f} | "
+                     f"{rate(soft)} | {trained} | {overflow} | {computed} | {per_language} | {hard['bytes_per_s']:,.0f} | "
                      f"{soft['bytes_per_s']:,.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -83,7 +97,8 @@ def main(argv=None) -> int:
             logged = train(config)
             hard, soft = _score(config, "hard"), _score(config, "soft")
             target = config.model.gate.target if config.model.gate.layer else 0.0
-            results.append({"name": name, "target": target, "train": logged, "hard": hard, "soft": soft})
+            results.append({"name": name, "target": target, "train": logged, "hard": hard, "soft": soft,
+                            "training_rate": training_rate(config.run_dir) if config.model.gate.layer else None})
             (output / "results.json").write_text(json.dumps(results, indent=2))
             (output / "sweep.md").write_text(markdown(results))
             print(f"== {name}: bpb hard {hard['bpb']:.4f}, soft {soft['bpb']:.4f}", file=sys.stderr, flush=True)

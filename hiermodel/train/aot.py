@@ -65,7 +65,7 @@ def batch_shapes(config: Config, rows: int, sharding=None) -> dict:
 
 def compile_train_step(config: Config, mesh):
     """The train loop's step (same shardings, donation and batch), lowered and compiled."""
-    tx = optimizer(config.train)
+    tx = optimizer(config.train, config.model.gate)
     layout = state_lib.layout(config, tx, mesh)  # outside the mesh: it runs optax's init on placeholders
     with jax.set_mesh(mesh):
         step = jit_train_step(layout, tx, config, mesh)

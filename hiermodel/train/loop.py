@@ -127,7 +127,7 @@ def train(config: Config, devices=None) -> dict:
     encoder = encoding(config)
     data_iterator = iter(train_dataset(data, source, encoder.document, config.seed, local_batch,
                                        jax.process_index(), jax.process_count()))
-    tx = optimizer(config.train)
+    tx = optimizer(config.train, config.model.gate)
     lr_at = schedule(config.train)
     peak = peak_flops_per_device(config) * mesh.size
     m1_per_byte = compression_flops_per_byte(config)

@@ -28,13 +28,28 @@ def schedule(config: TrainConfig) -> optax.Schedule:
     raise ValueError(f"train.schedule={config.schedule!r}: use cosine or wsd")
 
 
-def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def optimizer(config: TrainConfig, gate: GateConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; with gate.sgd_lr, the delete gate by SGD on its own."""
     # Decay matrices only: norms' scales and other vectors keep their values.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(schedule(config), config.b1, config.b2, weight_decay=config.weight_decay, mask=decay_mask),
     )
+    return _gate_by_sgd(adamw, gate.sgd_lr) if gate.layer and gate.sgd_lr else adamw
+
+
+def _gate_by_sgd(inner: optax.GradientTransformation, learning_rate: float) -> optax.GradientTransformation:
+    """`inner` for every part but "gate", which steps by -learning_rate * gradient. inner sees
+    zeros for the gate (so the clipping norm leaves it out) and keeps its state's shape, so
+    the train state is laid out as without this."""
+
+    def update(grads, state, params=None):
+        without_gate = {**grads, "gate": jax.tree.map(jnp.zeros_like, grads["gate"])}
+        updates, state = inner.update(without_gate, state, params)
+        return {**updates, "gate": jax.tree.map(lambda g: -learning_rate * g, grads["gate"])}, state
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def check_frozen(freeze: list[str], params: dict) -> None:
