@@ -1,5 +1,5 @@
 """Delete gates: hard deletion equals soft deletion when gates saturate, causality, the
-controller on real text (byte model; HAT gated after training, by SGD), a learned gate against
+controller on real text (byte model; a HAT in test_gate_controller.py), a learned gate against
 random deletion, the gate's SGD, the controller in checkpoints."""
 
 import math
@@ -161,25 +161,6 @@ def test_the_controller_holds_the_target_rate_and_a_learned_gate_beats_random_de
     assert abs(random["deletion_rate"] - learned["deletion_rate"]) < 0.03
     assert learned["bpb"] < random["bpb"] - 0.05, (learned["bpb"], random["bpb"])
     del graphdef
-
-
-def test_a_gate_added_to_a_trained_hat_holds_the_target_rate_when_trained_by_sgd(tmp_path, corpus):
-    """MrT5's setting on the HAT backbone, where deleting words costs little: under Adam the
-    rate cycles between none and most words; under SGD the controller holds it."""
-    from hiermodel.train.loop import train
-    from hiermodel.train.metrics import read_metrics
-
-    data = {"data.train": f"{corpus}/en_*", "data.eval": f"{corpus}/en_*", "data.chunk_bytes": 4000,
-            "data.holdout": 0.02, "train.log_every": 1}
-    train(micro_config(run_dir=tmp_path / "base", **{"train.steps": 80, "train.checkpoint_every": 80,
-                                                      "train.learning_rate": 3e-3, "train.warmup_steps": 10, **data}))
-    train(micro_config(run_dir=tmp_path / "gated", init_from=str(tmp_path / "base"),
-                       **{"train.steps": 100, "train.learning_rate": 1e-3, "train.warmup_steps": 5,
-                          "model.gate.layer": 1, "model.gate.target": 0.3, "model.gate.detach": True,
-                          "model.gate.kp": 0.5, "model.gate.ki": 1e-5, "model.gate.sgd_lr": 5e-4, **data}))
-    logged = read_metrics(tmp_path / "gated")
-    realised = np.mean([logged[s]["deletion"] for s in range(61, 101)])
-    assert abs(realised - 0.3) < 0.1, f"deleted {realised:.1%} over the last 40 steps, target 30%"
 
 
 def test_a_resumed_gated_run_continues_the_controller_exactly(tmp_path):
