@@ -27,6 +27,12 @@ def corpus() -> Path:
     return CORPUS
 
 
+def english(corpus) -> dict:
+    """Overrides that train on the corpus' English books, 2% held out."""
+    return {"data.train": f"{corpus}/en_*", "data.eval": f"{corpus}/en_*", "data.chunk_bytes": 4000,
+            "data.holdout": 0.02}
+
+
 def micro_config(**overrides):
     from hiermodel import config as config_lib
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tests.conftest import micro_config
+from tests.conftest import english, micro_config
 
 
 def test_a_gate_added_to_a_trained_hat_holds_the_target_rate_when_trained_by_sgd(tmp_path, corpus):
@@ -11,8 +11,7 @@ def test_a_gate_added_to_a_trained_hat_holds_the_target_rate_when_trained_by_sgd
     from hiermodel.train.loop import train
     from hiermodel.train.metrics import read_metrics
 
-    data = {"data.train": f"{corpus}/en_*", "data.eval": f"{corpus}/en_*", "data.chunk_bytes": 4000,
-            "data.holdout": 0.02, "train.log_every": 1}
+    data = {**english(corpus), "train.log_every": 1}
     train(micro_config(run_dir=tmp_path / "base", **{"train.steps": 80, "train.checkpoint_every": 80,
                                                       "train.learning_rate": 3e-3, "train.warmup_steps": 10, **data}))
     train(micro_config(run_dir=tmp_path / "gated", init_from=str(tmp_path / "base"),

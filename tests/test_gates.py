@@ -14,7 +14,7 @@ from flax import nnx
 from hiermodel.errors import UserError
 from hiermodel.models import gates
 from hiermodel.models.registry import build, check_kind
-from tests.conftest import micro_config
+from tests.conftest import english, micro_config
 from tests.test_model import row
 
 TEXT = b"The quick brown fox jumps over the lazy dog, and then it runs far away into the woods."
@@ -119,8 +119,7 @@ def test_a_detached_gate_is_the_only_part_its_regulariser_trains(kind):
 def train_gated(run_dir, steps: int, corpus=None, **overrides):
     from hiermodel.train.loop import train
 
-    data = {"data.train": f"{corpus}/en_*", "data.eval": f"{corpus}/en_*", "data.chunk_bytes": 4000,
-            "data.holdout": 0.02} if corpus else {}
+    data = english(corpus) if corpus else {}
     config = micro_config(**{"model.kind": "byte", "model.gate.layer": 1, "run_dir": run_dir, "train.steps": steps,
                              "train.learning_rate": 3e-3, "train.warmup_steps": 10, "train.log_every": 1,
                              **data, **overrides})
@@ -201,7 +200,6 @@ def test_a_trained_model_continues_with_a_fresh_delete_gate(tmp_path):
         train(micro_config(run_dir=tmp_path / "wider", init_from=str(tmp_path / "base"),
                            **{"mesh.data": 1, "model.gate.layer": 1, "model.backbone_mlp_dim": 256}),
               devices=jax.devices()[:1])
-
 
 
 def test_a_gate_trained_by_sgd_steps_by_its_gradient_and_stays_out_of_the_clipping():

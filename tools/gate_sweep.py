@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             hard, soft = _score(config, "hard"), _score(config, "soft")
             target = config.model.gate.target if config.model.gate.layer else 0.0
             results.append({"name": name, "target": target, "train": logged, "hard": hard, "soft": soft,
-                            "training_rate": training_rate(config.run_dir) if config.model.gate.layer else None})
+                            "training_rate": training_rate(config.run_dir)})
             (output / "results.json").write_text(json.dumps(results, indent=2))
             (output / "sweep.md").write_text(markdown(results))
             print(f"== {name}: bpb hard {hard['bpb']:.4f}, soft {soft['bpb']:.4f}", file=sys.stderr, flush=True)
