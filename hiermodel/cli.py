@@ -63,9 +63,9 @@ def cmd_eval(args) -> int:
     if perturbations and not encoder.reads_text:
         raise UserError(f"{args.checkpoint}: --perturb changes text, and an eiw model reads compressed windows; "
                         "compress perturbed text with hiermodel compress instead")
-    source = open_split(config.data, "eval", args.data, args.group_field) if args.held_out else DocumentSource(
-        args.data, config.data.separator, config.data.jsonl_field, config.data.chunk_bytes,
-        group_field=args.group_field)
+    source = open_split(config.data, "eval", args.data, args.group_field, encoder.reads_text) if args.held_out \
+        else DocumentSource(args.data, config.data.separator, config.data.jsonl_field, config.data.chunk_bytes,
+                            config.data.read_bytes, encoder.reads_text, group_field=args.group_field)
     with jax.set_mesh(mesh):
         shardings = jax.tree.map(lambda p: p.sharding, params)
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings, args.deletion)
@@ -197,7 +197,7 @@ def _documents(args) -> list[bytes]:
         data = DataConfig(separator=args.separator, jsonl_field=args.jsonl_field, chunk_bytes=args.chunk_bytes,
                           holdout=args.holdout)
         source = open_split(data, args.split, args.inputs)
-    return [source[i] for i in range(len(source))]
+    return list(source.documents())
 
 
 def cmd_compress(args) -> int:

@@ -72,6 +72,9 @@ class DataConfig:
     eval: list[str] = dataclasses.field(default_factory=lambda: ["builtin:eval"])
     separator: str = ""  # empty: one document per file; else split text files on it
     chunk_bytes: int = 0  # > 0: cut text documents into pieces of at most this size, at line ends
+    # Files are read in units of about this many bytes, and long documents in pieces of that size
+    # (cut at line ends, so their words and rows are as if read whole); 0: whole files.
+    read_bytes: int = 262144
     holdout: float = 0.0  # > 0: this share of documents (by content hash) is never trained on; eval reads only it
     jsonl_field: str = "text"
     max_word_bytes: int = 100

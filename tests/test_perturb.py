@@ -45,9 +45,13 @@ def test_perturbed_source_is_per_document_and_keeps_the_clean_source(tmp_path):
     (tmp_path / "b.txt").write_bytes(TEXT[:100] + b"\n\n" + TEXT[100:300])
     source = DocumentSource([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], separator="\n\n")
     noisy = PerturbedSource(source, Perturbation("drop", 0.3), seed=5)
-    assert noisy.clean is source and [list(noisy.documents_of(f)) for f in range(2)] == [[0], [1, 2]]
-    assert noisy[2] == PerturbedSource(source, Perturbation("drop", 0.3), seed=5)[2] != source[2]
-    assert noisy[1] != noisy[2]
+    pieces = [list(noisy.pieces(f)) for f in range(2)]
+    clean = [list(source.pieces(f)) for f in range(2)]
+    assert noisy.clean is source and [len(p) for p in pieces] == [1, 2]
+    again = list(PerturbedSource(source, Perturbation("drop", 0.3), seed=5).pieces(1))
+    assert pieces[1][1] == again[1] and pieces[1][1].data != clean[1][1].data
+    assert pieces[1][1].data != pieces[1][0].data[:len(pieces[1][1].data)]
+    assert [(p.first, p.last) for p in pieces[1]] == [(p.first, p.last) for p in clean[1]]
 
 
 @pytest.mark.parametrize("spec, message", [("drop", "KIND:RATE"), ("blur:0.1", "KIND:RATE"),

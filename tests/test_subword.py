@@ -88,10 +88,11 @@ def test_subword_run_trains_keeps_its_tokenizer_and_scores_every_raw_byte(tmp_pa
         checkpointer.close()
         score_fn = make_score_fn(graphdef, "float32", mesh, jax.tree.map(lambda p: p.sharding, params))
         result = score_source(score_fn, params, source, encoding(config).document, config.data, 8, mesh)
-    assert result["bytes"] == sum(len(source[i]) for i in range(len(source)))
+    documents = list(source.documents())
+    assert result["bytes"] == sum(map(len, documents))
     assert 0 < result["bpb"] < 8
     # One scored token per BPE id of every document (its BOS is context, not scored).
-    ids = sum(len(encoding(config).document(source[i]).tokens) - 1 for i in range(len(source)))
+    ids = sum(len(encoding(config).document(d).tokens) - 1 for d in documents)
     assert result["tokens"] == ids and result["bytes_per_token"] == result["bytes"] / ids > 1.5
 
 

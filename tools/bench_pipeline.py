@@ -21,8 +21,9 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=200)
     args = p.parse_intermixed_args(argv)
     config = config_lib.load(args.config, args.overrides)
-    source = open_train(config.data)
-    iterator = iter(train_dataset(config.data, source, encoding(config).document, config.seed, config.train.batch_size))
+    encoder = encoding(config)
+    source = open_train(config.data, encoder.reads_text)
+    iterator = iter(train_dataset(config.data, source, encoder.document, config.seed, config.train.batch_size))
     next(iterator)  # start the prefetch thread
     text_bytes = slots = positions = 0
     started = time.perf_counter()

@@ -30,7 +30,8 @@ def bench(config, steps: int, warmup: int) -> dict:
     mesh = make_mesh(config.mesh)
     validate(config, mesh)
     local_batch = config.train.batch_size // jax.process_count()
-    batches = train_dataset(config.data, open_train(config.data), encoding(config).document, config.seed,
+    encoder = encoding(config)
+    batches = train_dataset(config.data, open_train(config.data, encoder.reads_text), encoder.document, config.seed,
                             local_batch, jax.process_index(), jax.process_count())
     iterator = iter(batches)
     local = [next(iterator) for _ in range(warmup + steps)]

@@ -42,8 +42,9 @@ def _score(config, deletion: str) -> dict:
         checkpointer.close()
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh,
                                  jax.tree.map(lambda p: p.sharding, params), deletion)
-        return score_source(score_fn, params, open_split(config.data, "eval"), encoding(config).document,
-                            config.data, config.train.batch_size, mesh)
+        encoder = encoding(config)
+        return score_source(score_fn, params, open_split(config.data, "eval", text=encoder.reads_text),
+                            encoder.document, config.data, config.train.batch_size, mesh)
 
 
 def training_rate(run_dir) -> dict | None:

@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     try:
         source = DocumentSource(args.data, args.separator, args.jsonl_field)
         started = time.monotonic()
-        total = sum(len(source[i]) for i in range(len(source)))
-        print(f"training a {args.vocab_size}-id BPE on {len(source):,} documents ({total:,} bytes)", file=sys.stderr)
-        tokenizer = subword.train((source[i] for i in range(len(source))), args.vocab_size, args.max_word_bytes)
+        print(f"training a {args.vocab_size}-id BPE on {source.nbytes:,} bytes of {len(source.paths)} files",
+              file=sys.stderr)
+        tokenizer = subword.train(source.documents(), args.vocab_size, args.max_word_bytes)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     try:
         config = config_lib.load(args.config, args.overrides)
         train, held_out = open_split(config.data, "train"), open_split(config.data, "eval")
-        documents = lambda source: (source[i] for i in range(len(source)))
+        documents = lambda source: source.documents()
         results = {"bytes": unigram_bpb(documents(train), documents(held_out), list, 256)}
         if args.tokenizer:
             bpe = SubwordEncoding(Subword.load(args.tokenizer), config.data.max_word_bytes)

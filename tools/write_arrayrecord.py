@@ -23,11 +23,11 @@ def main(argv=None) -> int:
         if args.shards < 1:
             raise UserError("--shards must be at least 1")
         source = DocumentSource(args.inputs, args.separator, args.jsonl_field)
-        paths = write_shards(source, args.output, args.shards)
+        paths, count = write_shards(source, args.output, args.shards)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(source)} documents to {len(paths)} shards in {args.output}")
+    print(f"wrote {count} documents to {len(paths)} shards in {args.output}")
     return 0
 
 

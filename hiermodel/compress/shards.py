@@ -82,7 +82,8 @@ class WindowEncoding:
         self.bos_id = 1 << token_bits
         self.vocab_size = self.bos_id + 2  # the window tokens, BOS, one reserved id
 
-    def document(self, data: bytes) -> Document:
+    def document(self, data: bytes, first: bool = True, last: bool = True) -> Document:
+        """A whole record (window records are read uncut, so always first and last)."""
         record = unpack(data)
         if record.window_bits != self.window_bits:
             raise UserError(f"a window record of {record.window_bits}-bit windows, but model.window_bits="

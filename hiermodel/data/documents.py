@@ -26,6 +26,12 @@ class Document:
     def num_words(self) -> int:
         return len(self.word_lengths)
 
+    @classmethod
+    def join(cls, parts: list["Document"]) -> "Document":
+        """One document of consecutive parts."""
+        return cls(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("tokens", "token_bytes", "word_lengths")))
+
     @functools.cached_property
     def word_starts(self) -> np.ndarray:
         """Token offset of each word, and the total length last."""
@@ -37,8 +43,10 @@ class Document:
         return Document(self.tokens[span], self.token_bytes[span], self.word_lengths[first:end])
 
 
-def _lengths_after_bos(pieces: list) -> np.ndarray:
-    return np.concatenate([[1], np.fromiter((len(p) for p in pieces), np.int32, len(pieces))]).astype(np.int32)
+def _word_lengths(pieces: list, first: bool) -> np.ndarray:
+    """Tokens per word, BOS (a word of its own) first when the document starts here."""
+    lengths = np.fromiter((len(p) for p in pieces), np.int32, len(pieces))
+    return np.concatenate([[1], lengths]).astype(np.int32) if first else lengths
 
 
 class ByteEncoding:
@@ -54,14 +62,16 @@ class ByteEncoding:
         self.max_word_bytes = max_word_bytes
         self.end_id = END_ID if end_of_text else None  # None: documents just stop
 
-    def document(self, data: bytes) -> Document:
-        """BOS, the bytes (and END_ID, a word of its own, under end_of_text)."""
-        end = [] if self.end_id is None else [END_ID]
-        tokens = np.concatenate([[BOS_ID], np.frombuffer(data, np.uint8), end]).astype(np.int32)
+    def document(self, data: bytes, first: bool = True, last: bool = True) -> Document:
+        """BOS if the document starts here, the bytes, and END_ID (a word of its own) if it ends
+        here under end_of_text."""
+        begin = [BOS_ID] if first else []
+        end = [END_ID] if last and self.end_id is not None else []
+        tokens = np.concatenate([begin, np.frombuffer(data, np.uint8), end]).astype(np.int32)
         token_bytes = np.ones(len(tokens), np.int32)
-        token_bytes[0] = 0
+        token_bytes[:len(begin)] = 0
         token_bytes[len(tokens) - len(end):] = 0
-        word_lengths = _lengths_after_bos(split_words(data, self.max_word_bytes))
+        word_lengths = _word_lengths(split_words(data, self.max_word_bytes), first)
         return Document(tokens, token_bytes, np.concatenate([word_lengths, np.ones(len(end), np.int32)]))
 
 
@@ -76,10 +86,10 @@ class SubwordEncoding:
         self.vocab_size, self.bos_id = tokenizer.vocab_size, tokenizer.bos_id
         self.id_bytes, self.token_bytes = tokenizer.id_bytes, tokenizer.token_bytes
 
-    def document(self, data: bytes) -> Document:
+    def document(self, data: bytes, first: bool = True, last: bool = True) -> Document:
         pieces = self.tokenizer.encode_words(split_words(data, self.max_word_bytes))
-        tokens = np.concatenate([[self.bos_id], *pieces]).astype(np.int32)
-        return Document(tokens, self.token_bytes[tokens], _lengths_after_bos(pieces))
+        tokens = np.concatenate([[self.bos_id] if first else [], *pieces]).astype(np.int32)
+        return Document(tokens, self.token_bytes[tokens], _word_lengths(pieces, first))
 
 
 def tokenizer_path(config: Config) -> Path:

@@ -12,6 +12,8 @@ cut between rows. Arrays of a row:
   tags_T          caller's tag of the segment (eval: the file number), -1 where padding
 """
 
+from typing import Iterable, Iterator
+
 import numpy as np
 
 from hiermodel.data.documents import Document
@@ -71,16 +73,33 @@ class RowBuilder:
         return self.used_bytes == 0
 
 
-def chunk_for_scoring(document: Document, row_tokens: int, row_words: int) -> list[tuple[Document, int]]:
-    """Cut a document into row-sized segments; each later one repeats preceding words as context.
+def chunk_for_scoring(parts: Iterable[Document], row_tokens: int, row_words: int) -> Iterator[tuple[Document, int]]:
+    """Cut a document, given as consecutive parts, into row-sized segments; each later one repeats
+    preceding words as context.
 
     Every token after BOS is a scored target of exactly one segment, and each segment after
-    the first sees up to half a row of the words before it.
+    the first sees up to half a row of the words before it. Parts are joined as they are needed,
+    so a long document is never held whole.
     """
-    starts = document.word_starts
-    pieces, first = [], 0
+    parts = iter(parts)
+    document = next(parts, None)
+    if document is None:
+        return
+    first, more = 0, True
     builder = RowBuilder(row_tokens, row_words)
-    while first < document.num_words:
+    while True:
+        starts = document.word_starts
+        while more and (document.num_words - first <= row_words or starts[-1] - starts[first] <= row_tokens):
+            part = next(parts, None)
+            if part is None:
+                more = False
+                break
+            keep = max(first - row_words // 2 - 1, 0)  # the words a context may still repeat
+            document = Document.join([document.words(keep, document.num_words), part])
+            first -= keep
+            starts = document.word_starts
+        if first >= document.num_words:
+            return
         context = 0
         if first > 0:  # the longest run of preceding words within half a row
             while (context < first and context < row_words // 2
@@ -89,6 +108,5 @@ def chunk_for_scoring(document: Document, row_tokens: int, row_words: int) -> li
         lo = first - context
         taken = builder.words_that_fit(document.word_lengths[lo:])
         assert taken > context, "a row must hold more than its context"
-        pieces.append((document.words(lo, lo + taken), context))
+        yield document.words(lo, lo + taken), context
         first = lo + taken
-    return pieces

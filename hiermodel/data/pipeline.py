@@ -1,5 +1,6 @@
 """The grain input pipeline: documents -> shuffled per-process slice -> words -> packed rows -> batches."""
 
+import dataclasses
 from typing import Callable, Iterator
 
 import grain
@@ -8,8 +9,12 @@ import numpy as np
 from hiermodel.config import DataConfig
 from hiermodel.data.documents import Document
 from hiermodel.data.packing import RowBuilder, chunk_for_scoring
-from hiermodel.data.sources import DocumentSource
+from hiermodel.data.sources import DocumentSource, Piece
 from hiermodel.errors import UserError
+
+ToDocument = Callable[[bytes, bool, bool], Document]  # (bytes, first, last): an encoding's `document`
+READ_THREADS = 2
+READ_AHEAD_UNITS = 8  # per data shard; a unit is about data.read_bytes of text
 
 
 def check_shapes(config: DataConfig) -> None:
@@ -19,63 +24,142 @@ def check_shapes(config: DataConfig) -> None:
         raise UserError(f"data.row_words={config.row_words} must be at least 4")
 
 
-class _PackIterator(grain.DatasetIterator):
-    """Greedy packing that continues a long document in the next row.
+@dataclasses.dataclass
+class _Read:
+    """A piece as read: where it sits (source, unit, index in the unit, whether the unit's last),
+    the parent's state before its unit, and the piece as tokens."""
 
-    Its state is the parent's state before the document in progress plus how many of that
-    document's words are already packed, so a restore rebuilds exactly the next row.
+    source: int
+    unit: int
+    index: int
+    unit_end: bool
+    parent_state: dict
+    piece: Piece
+    document: Document
+
+    def followed_by(self, other: "_Read") -> bool:
+        """Whether `other` continues this piece's document directly."""
+        if not other.piece.joins or other.source != self.source:
+            return False
+        return (other.unit == self.unit and other.index == self.index + 1
+                or other.unit == self.unit + 1 and other.index == 0 and self.unit_end)
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Greedy packing of documents into rows; a document continues in the next row, and across the
+    pieces it was read in, so rows do not depend on where a document was cut when read in order.
+
+    A document in progress is held as its unpacked words (`_view`) joined from the pieces read so
+    far, at least a row's worth unless it ends sooner. The state is where the first piece not yet
+    fully packed was read (the parent's state before its unit, its index) and how many of its words
+    are packed: resuming reads one unit and converts at most a few pieces, wherever the run stopped.
     """
 
     def __init__(self, parent: grain.DatasetIterator, row_tokens: int, row_words: int):
         super().__init__(parent)
         self._builder = RowBuilder(row_tokens, row_words)
-        self._document: Document | None = None
-        self._offset = 0  # words of the current document already packed
-        self._parent_state = None  # the parent's state before the current document
+        self._need_words, self._need_tokens = row_words + 1, row_tokens + 1
+        self._reset()
 
-    def _next_document(self) -> bool:
-        self._parent_state = self._parent.get_state()
-        try:
-            self._document = next(self._parent)
-        except StopIteration:
-            self._document = None
-            return False
-        self._offset = 0
-        return True
+    def _reset(self):
+        self._unit, self._unit_state, self._next_index = None, None, 0  # the unit being read
+        self._peeked = None  # a piece read ahead that is not part of the document in progress
+        self._document: list[_Read] = []  # pieces of the document in progress not yet fully packed
+        self._packed = 0  # words of _document[0] packed
+        self._view, self._used, self._complete = None, 0, False
+
+    def _read(self) -> _Read | None:
+        if self._peeked is not None:
+            read, self._peeked = self._peeked, None
+            return read
+        while self._unit is None or self._next_index >= len(self._unit[2]):
+            self._unit_state = self._parent.get_state()
+            try:
+                self._unit = next(self._parent)
+            except StopIteration:
+                self._unit = None
+                return None
+            self._next_index = 0
+        source, unit, converted = self._unit
+        index = self._next_index
+        self._next_index += 1
+        piece, document = converted[index]
+        return _Read(source, unit, index, index == len(converted) - 1, self._unit_state, piece, document)
+
+    def _fill(self) -> Document | None:
+        """The unpacked words of the document in progress (starting one if none is), with at least
+        a row's worth of words and tokens unless the document ends sooner; None at the end."""
+        if self._view is None:
+            read = self._read()
+            if read is None:
+                return None
+            self._document, self._packed = [read], 0
+            self._view, self._used, self._complete = read.document, 0, read.piece.last
+        view = self._view
+        while not self._complete and (view.num_words - self._used < self._need_words
+                                      or view.word_starts[-1] - view.word_starts[self._used] < self._need_tokens):
+            read = self._read()
+            if read is None or not self._document[-1].followed_by(read):
+                self._peeked, self._complete = read, True
+                break
+            self._document.append(read)
+            self._complete = read.piece.last
+            view = self._view = Document.join([view.words(self._used, view.num_words), read.document])
+            self._used = 0
+        return view
+
+    def _consume(self, words: int):
+        self._used += words
+        self._packed += words
+        while self._document and self._packed >= self._document[0].document.num_words:
+            self._packed -= self._document.pop(0).document.num_words
+        if self._complete and self._used == self._view.num_words:
+            self._view = None
 
     def __next__(self) -> dict[str, np.ndarray]:
         builder = self._builder
         while True:
-            if self._document is None and not self._next_document():
+            view = self._fill()
+            if view is None:
                 if builder.empty:
                     raise StopIteration
                 return builder.finish()
-            doc, offset = self._document, self._offset
-            taken = builder.words_that_fit(doc.word_lengths[offset:])
-            piece = doc.words(offset, offset + taken)
+            remaining = view.num_words - self._used
+            taken = builder.words_that_fit(view.word_lengths[self._used:self._used + self._need_words])
+            piece = view.words(self._used, self._used + taken)
             if len(piece.tokens) >= 2:  # a lone token has no target
                 builder.add(piece)
-                self._offset = offset + taken
-                if self._offset == doc.num_words:
-                    self._document = None
+                self._consume(taken)
+                if taken == remaining:
                     continue
             elif builder.empty:
-                self._document = None  # a one-token remainder: nothing to learn from it
+                self._consume(remaining)  # a one-token remainder: nothing to learn from it
                 continue
             return builder.finish()
 
     def get_state(self) -> dict:
-        if self._document is None:
-            return {"parent": self._parent.get_state(), "offset": -1}
-        return {"parent": self._parent_state, "offset": self._offset}
+        if self._document:
+            head = self._document[0]
+            return {"parent": head.parent_state, "piece": head.index, "packed": self._packed}
+        if self._peeked is not None:
+            return {"parent": self._peeked.parent_state, "piece": self._peeked.index, "packed": 0}
+        if self._unit is not None and self._next_index < len(self._unit[2]):
+            return {"parent": self._unit_state, "piece": self._next_index, "packed": 0}
+        return {"parent": self._parent.get_state(), "piece": 0, "packed": 0}
 
     def set_state(self, state: dict) -> None:
         self._builder.finish()
         self._parent.set_state(state["parent"])
-        self._document = None
-        if state["offset"] >= 0:
-            self._next_document()
-            self._offset = state["offset"]
+        self._reset()
+        self._unit_state = state["parent"]
+        try:
+            self._unit = next(self._parent)
+        except StopIteration:
+            return
+        self._next_index = state["piece"]
+        if state["packed"]:
+            self._fill()
+            self._used = self._packed = state["packed"]
 
 
 class PackIterDataset(grain.IterDataset):
@@ -98,21 +182,27 @@ def shards_of_process(config: DataConfig, process_index: int, process_count: int
     return range(process_index * mine, (process_index + 1) * mine), shards
 
 
-def mixture_weights(shares: list[float], sources: list[DocumentSource], sample: int = 1000) -> list[float]:
-    """Per-document mixing weights that give each source its share of the *bytes* trained on:
-    a share divided by the source's mean document size (from up to `sample` documents)."""
-    means = []
-    for source in sources:
-        indices = np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int)
-        means.append(max(float(np.mean([len(source[int(i)]) for i in indices])), 1.0))
-    return [share / mean for share, mean in zip(shares, means)]
+def mixture_weights(shares: list[float], sources: list[DocumentSource]) -> list[float]:
+    """Per-unit mixing weights that give each source its share of the *bytes* trained on: a share
+    divided by the source's mean unit size (from its files' sizes, so nothing is read)."""
+    return [share / max(source.nbytes / len(source), 1.0) for share, source in zip(shares, sources)]
 
 
-def train_dataset(config: DataConfig, source: DocumentSource | list[DocumentSource],
-                  to_document: Callable[[bytes], Document], seed: int, local_batch: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+def _converter(to_document: ToDocument, source_number: int):
+    def convert(unit: tuple[int, list[Piece]]):
+        index, pieces = unit
+        return source_number, index, [(p, to_document(p.data, p.first, p.last)) for p in pieces]
+    return convert
+
+
+def train_dataset(config: DataConfig, source: DocumentSource | list[DocumentSource], to_document: ToDocument,
+                  seed: int, local_batch: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Infinite batches of packed rows for one process (its shards' rows, in shard order);
-    reshuffled every epoch. Several sources are mixed by data.train_weights, as byte shares."""
+    reshuffled every epoch. Several sources are mixed by data.train_weights, as byte shares.
+
+    Units are shuffled, so a document longer than a unit is trained on in pieces that each start
+    where the previous one stopped, not after it; with data.shuffle=false it is packed whole.
+    """
     check_shapes(config)
     sources = source if isinstance(source, list) else [source]
     mine, shards = shards_of_process(config, process_index, process_count)
@@ -120,17 +210,21 @@ def train_dataset(config: DataConfig, source: DocumentSource | list[DocumentSour
         raise UserError(f"{local_batch} rows per process do not split over its {len(mine)} data shards")
     for s in sources:
         if len(s) < shards:
-            raise UserError(f"{', '.join(s.paths)}: {len(s)} training documents cannot feed {shards} data shards")
+            raise UserError(f"{', '.join(s.paths)}: {len(s)} units of data.read_bytes={config.read_bytes} cannot "
+                            f"feed {shards} data shards; lower data.read_bytes or data.shards")
     weights = mixture_weights(config.train_weights, sources) if len(sources) > 1 else None
-    documents = []
+    units = []
     for i, s in enumerate(sources):
         ds = grain.MapDataset.source(s)
-        documents.append(ds.shuffle(seed=seed + i) if config.shuffle else ds)
+        units.append((ds.shuffle(seed=seed + i) if config.shuffle else ds).map(_converter(to_document, i)))
+    # Units are converted ahead in threads; the buffer holds a bounded number of them, and a unit is
+    # at most about data.read_bytes of text (a JSONL line or record longer than that is one unit).
+    read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD_UNITS)
 
     def shard(index: int) -> grain.IterDataset:
-        streams = [ds[index::shards].repeat(None) for ds in documents]
+        streams = [ds[index::shards].repeat(None) for ds in units]
         mixed = streams[0] if weights is None else grain.MapDataset.mix(streams, weights)
-        rows = mixed.map(to_document).to_iter_dataset()
+        rows = mixed.to_iter_dataset(read)
         return PackIterDataset(rows, config.row_tokens, config.row_words).batch(local_batch // len(mine),
                                                                                  drop_remainder=True)
 
@@ -142,7 +236,31 @@ def train_dataset(config: DataConfig, source: DocumentSource | list[DocumentSour
     return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
 
 
-def scoring_batches(config: DataConfig, source: DocumentSource, to_document: Callable[[bytes], Document],
+def _documents_in_order(source: DocumentSource, file_number: int, to_document: ToDocument) -> Iterator[Iterator[Document]]:
+    """The documents of one file in order, each as the consecutive parts it was read in. A part of
+    a document without the part before it (the other side of a holdout) starts with BOS like a
+    document, so that its first byte is scored too."""
+    pieces = source.pieces(file_number)
+    head = next(pieces, None)
+
+    def parts() -> Iterator[Document]:
+        nonlocal head
+        starts = True
+        while True:
+            piece, head = head, next(pieces, None)
+            yield to_document(piece.data, starts, piece.last)
+            starts = False
+            if head is None or not head.joins:
+                return
+
+    while head is not None:
+        document = parts()
+        yield document
+        for _ in document:  # whatever the caller left unread
+            pass
+
+
+def scoring_batches(config: DataConfig, source: DocumentSource, to_document: ToDocument,
                     batch_size: int, max_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Rows that score every token of every document once, in order, in fixed-size batches.
 
@@ -161,9 +279,8 @@ def scoring_batches(config: DataConfig, source: DocumentSource, to_document: Cal
         return batch
 
     for file_number in range(len(source.paths)):
-        for index in source.documents_of(file_number):
-            document = to_document(source[index])
-            for piece, context in chunk_for_scoring(document, config.row_tokens, config.row_words):
+        for parts in _documents_in_order(source, file_number, to_document):
+            for piece, context in chunk_for_scoring(parts, config.row_tokens, config.row_words):
                 if builder.words_that_fit(piece.word_lengths) < piece.num_words:
                     rows.append(builder.finish())
                     emitted += 1

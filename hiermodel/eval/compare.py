@@ -43,7 +43,8 @@ class Plan:
 
 def bytes_per_step(config: Config, batches: int = 8) -> float:
     """Mean raw bytes in a training batch, from the first batches of the real pipeline."""
-    iterator = iter(train_dataset(config.data, open_train(config.data), encoding(config).document,
+    encoder = encoding(config)
+    iterator = iter(train_dataset(config.data, open_train(config.data, encoder.reads_text), encoder.document,
                                   config.seed, config.train.batch_size))
     try:
         return statistics.mean(float(next(iterator)["token_bytes"].sum()) for _ in range(batches))
@@ -55,8 +56,7 @@ def prepare_tokenizer(config: Config, output: Path) -> None:
     """A subword config gets a BPE trained on its own training split (once, kept in `output`)."""
     path = output / f"bpe{config.model.vocab_size}.json"
     if not path.exists():
-        source = open_split(config.data, "train")
-        tokenizer = subword.train((source[i] for i in range(len(source))), config.model.vocab_size,
+        tokenizer = subword.train(open_split(config.data, "train").documents(), config.model.vocab_size,
                                   config.data.max_word_bytes)
         tokenizer.save(path)
     config.model.tokenizer = str(path)
@@ -101,8 +101,9 @@ def _score_final(config: Config, perturbations: list[Perturbation], seed: int) -
         checkpointer.close()
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh,
                                  jax.tree.map(lambda p: p.sharding, params))
-        document = encoding(config).document
-        source = open_split(config.data, "eval")
+        encoder = encoding(config)
+        document = encoder.document
+        source = open_split(config.data, "eval", text=encoder.reads_text)
         score = lambda docs: score_source(score_fn, params, docs, document, config.data,
                                           config.train.batch_size, mesh, progress=True)
         started = time.monotonic()

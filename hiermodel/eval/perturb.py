@@ -1,14 +1,16 @@
 """Seeded character-level noise for robustness evaluation: swaps, drops, insertions, case flips, whitespace.
 
 Text is read as UTF-8 with invalid bytes kept (surrogateescape), so any document can be
-perturbed. Each document's noise depends only on the seed and its index, not on batching.
+perturbed. The noise of each piece a document is read in depends only on the seed, its file and
+its index there, not on batching.
 """
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 
-from hiermodel.data.sources import DocumentSource
+from hiermodel.data.sources import DocumentSource, Piece
 from hiermodel.errors import UserError
 
 
@@ -93,11 +95,8 @@ class PerturbedSource:
         self.clean, self.perturbation, self.seed = source, perturbation, seed
         self.paths = source.paths
 
-    def __len__(self) -> int:
-        return len(self.clean)
-
-    def __getitem__(self, index: int) -> bytes:
-        return self.perturbation.apply(self.clean[index], np.random.default_rng([self.seed, int(index)]))
-
-    def documents_of(self, file_number: int) -> range:
-        return self.clean.documents_of(file_number)
+    def pieces(self, file_number: int) -> Iterator[Piece]:
+        """The clean source's pieces of one file, each perturbed with a seed of its own."""
+        for index, piece in enumerate(self.clean.pieces(file_number)):
+            rng = np.random.default_rng([self.seed, file_number, index])
+            yield dataclasses.replace(piece, data=self.perturbation.apply(piece.data, rng))

@@ -5,7 +5,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,7 @@ import numpy as np
 from flax import nnx
 
 from hiermodel.config import DataConfig
-from hiermodel.data.documents import Document
-from hiermodel.data.pipeline import scoring_batches
+from hiermodel.data.pipeline import ToDocument, scoring_batches
 from hiermodel.data.sources import DocumentSource
 from hiermodel.models import gates
 from hiermodel.text.words import split_words
@@ -68,7 +66,7 @@ def _summary(bits: float, n_bytes: int, tokens: int, chars: int | None, words: i
     return summary
 
 
-def score_source(score_fn, params, source: DocumentSource, to_document: Callable[[bytes], Document],
+def score_source(score_fn, params, source: DocumentSource, to_document: ToDocument,
                  data: DataConfig, batch_size: int, mesh, max_rows: int = 0, progress: bool = False,
                  language_pattern: str = LANGUAGE, text: bool = True) -> dict:
     """Bits per byte (`bpb`, `bits`, `bytes`) and bytes per token over `source`, overall,
@@ -114,12 +112,14 @@ def score_source(score_fn, params, source: DocumentSource, to_document: Callable
     chars = words = [None] * files
     if text and not max_rows:
         clean = getattr(source, "clean", source)
-        documents = [[clean[i] for i in clean.documents_of(f)] for f in range(files)]
+        # Pieces are cut at line ends, where words end, so counting them piece by piece is exact.
+        totals = np.zeros((files, 3), np.int64)
+        for f in range(files):
+            for piece in clean.pieces(f):
+                totals[f] += (len(piece.data), *text_counts(piece.data, data.max_word_bytes))
         if clean is not source:
-            counts = np.array([sum(map(len, docs)) for docs in documents], np.int64)
-        totals = np.array([[sum(c) for c in zip((0, 0), *(text_counts(d, data.max_word_bytes) for d in docs))]
-                           for docs in documents], np.int64).reshape(files, 2)
-        chars, words = totals[:, 0].tolist(), totals[:, 1].tolist()
+            counts = totals[:, 0]
+        chars, words = totals[:, 1].tolist(), totals[:, 2].tolist()
     per_source = [{"path": path, **_summary(b, n, k, c, w)}
                   for path, b, n, k, c, w in zip(source.paths, bits, counts, tokens, chars, words)]
     if gated.any():

@@ -121,10 +121,10 @@ def train(config: Config, devices=None) -> dict:
     run_dir = Path(config.run_dir)
     writer = MetricsWriter(run_dir, config.train.steps)
     data = config.data
-    source = open_train(data)
-    eval_source = open_split(data, "eval") if data.eval else None
-    local_batch = config.train.batch_size // jax.process_count()
     encoder = encoding(config)
+    source = open_train(data, encoder.reads_text)
+    eval_source = open_split(data, "eval", text=encoder.reads_text) if data.eval else None
+    local_batch = config.train.batch_size // jax.process_count()
     data_iterator = iter(train_dataset(data, source, encoder.document, config.seed, local_batch,
                                        jax.process_index(), jax.process_count()))
     tx = optimizer(config.train, config.model.gate)
