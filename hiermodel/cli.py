@@ -3,8 +3,8 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from hiermodel import storage
 from hiermodel.errors import UserError
 
 USAGE_ERROR = 2
@@ -100,7 +100,7 @@ def cmd_eval(args) -> int:
             print(f"{'perturbed ' + name:<{width}}  {noisy['bytes']:>12,}  {noisy['bpb']:>7.4f}  "
                   f"({noisy['degradation']:+.4f} bpb, against the clean bytes)")
         if args.output_json:
-            Path(args.output_json).write_text(json.dumps(result, indent=2))
+            storage.write_atomically(args.output_json, json.dumps(result, indent=2).encode())
     return 0
 
 
@@ -214,17 +214,12 @@ def cmd_compress(args) -> int:
 
 
 def cmd_decompress(args) -> int:
-    import os
-
     from hiermodel.compress.files import decompress
 
     summary, documents = decompress(args.m1, args.input, args.batch_size)
-    output = Path(args.output)
-    partial = output.with_name(output.name + ".partial")
-    partial.write_bytes(b"".join(documents))
-    os.replace(partial, output)
+    storage.write_atomically(args.output, b"".join(documents))
     print(f"{len(documents):,} documents, {summary['bytes_in']:,} bytes restored from {summary['windows_out']:,} "
-          f"windows; {summary['decode_bytes_per_s'] / 1e3:.1f} KB/s -> {output}")
+          f"windows; {summary['decode_bytes_per_s'] / 1e3:.1f} KB/s -> {args.output}")
     return 0
 
 

@@ -6,8 +6,9 @@ Builds, from the text files in CORPUS_DIR (repeated as needed, written under --w
 the repository), corpora of 1 KB, 64 KB and 2 MB documents (one per file), one 100 MB document,
 and a 1 GB JSONL file of mixed line lengths (100 B to 4 MB). For each it measures, each command a
 process of its own: tools/bench_pipeline.py's MB/s and peak RSS; a tiny-config training run of
---steps steps (peak RSS, wall time); resuming that run for one more step against a fresh run of
-one step (both with a warm compilation cache, so the difference is restoring).
+--steps steps that also evaluates 16 rows of the same data (peak RSS, wall time); and resuming
+that run for one more step against a fresh run of one step (both with a warm compilation cache,
+so the difference is restoring).
 """
 
 import argparse
@@ -105,14 +106,16 @@ def main(argv=None) -> None:
           f"{args.steps} steps: peak RSS (MB) | wall (s) | resume 1 step (s) | fresh 1 step (s) | resume / fresh |")
     print("|---|---|---|---|---|---|---|---|")
     for name, spec in specs.items():
-        common = [f"data.train={spec}", "data.eval=", *args.set]
+        common = [f"data.train={spec}", f"data.eval={spec}", *args.set]
         _, pipeline_rss, output = measure([python, "tools/bench_pipeline.py", config, *common,
                                            "--batches", str(args.batches)], env)
         rate = float(re.search(r"([\d.]+) MB/s", output).group(1))
         run = args.work / "runs" / re.sub(r"\W+", "_", name)
         fresh = args.work / "runs" / "fresh"
         subprocess.run(["rm", "-rf", str(run), str(fresh)], check=True)
-        train = [python, "-m", "hiermodel.cli", "train", config, *common, "train.log_every=10"]
+        # Training evaluates too (a sample of 16 rows, read in order from the start of the data).
+        train = [python, "-m", "hiermodel.cli", "train", config, *common, "train.log_every=10",
+                 f"train.eval_every={args.steps}", "train.eval_rows=16"]
         wall, train_rss, _ = measure([*train, f"run_dir={run}", f"train.steps={args.steps}",
                                       f"train.checkpoint_every={args.steps}"], env)
         resume, _, _ = measure([*train, f"run_dir={run}", f"train.steps={args.steps + 1}"], env)

@@ -9,10 +9,12 @@ so compressor and decompressor always use the very same model.
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
+from hiermodel import storage
 from hiermodel.compress import shards, windows
 from hiermodel.compress.integer_lm import IntegerLM, IntegerPredictor
 from hiermodel.errors import UserError
@@ -23,12 +25,12 @@ SUMMARY_FILE = "summary.json"
 
 def integer_m1(run_dir: str) -> IntegerLM:
     """The run's integer M1: quantised and saved on first use, loaded after that."""
-    path = Path(run_dir) / INTEGER_M1_FILE
-    if not path.exists():
+    path = str(storage.path(run_dir) / INTEGER_M1_FILE)
+    if not storage.path(path).exists():
         model = IntegerLM.from_run(run_dir)
-        partial = path.with_name(path.name + ".partial")
-        model.save(partial)
-        os.replace(partial, path)
+        with tempfile.TemporaryDirectory() as local:
+            model.save(os.path.join(local, INTEGER_M1_FILE))
+            storage.write_atomically(path, Path(local, INTEGER_M1_FILE).read_bytes())
     return IntegerLM.load(path)
 
 
@@ -49,7 +51,7 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
     from array_record.python.array_record_module import ArrayRecordWriter
 
     model = integer_m1(m1_run)
-    output = Path(output)
+    output = storage.path(output)
     output.mkdir(parents=True, exist_ok=True)
     total = sum(map(len, documents))
     started = time.monotonic()
@@ -59,16 +61,20 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
     m1_positions = predictor.positions + 1  # and BOS, once
     seconds = time.monotonic() - started
     paths = [output / f"windows-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
-    partial = [p.with_name(p.name + ".partial") for p in paths]
-    writers = [ArrayRecordWriter(str(p), "group_size:1") for p in partial]
-    try:
-        for index, record in enumerate(records):
-            writers[index % num_shards].write(shards.pack(record))
-    finally:
-        for writer in writers:
-            writer.close()
-    for tmp, final in zip(partial, paths):
-        os.replace(tmp, final)
+    # Shards are written on local disk (ArrayRecord writes no object store) and then moved into
+    # place whole, so an interrupted run never leaves a truncated shard.
+    with tempfile.TemporaryDirectory() as local:
+        written = [os.path.join(local, p.name) for p in paths]
+        writers = [ArrayRecordWriter(name, "group_size:1") for name in written]
+        try:
+            for index, record in enumerate(records):
+                writers[index % num_shards].write(shards.pack(record))
+        finally:
+            for writer in writers:
+                writer.close()
+        for name, final in zip(written, paths):
+            storage.upload(name, f"{final}.partial")
+            storage.path(f"{final}.partial").replace(final)
     summary = windows.summarize(records, window_bits)
     result = {"documents": len(documents), "bytes_in": summary.bytes_in, "windows_out": summary.windows_out,
               "bytes_per_window": summary.bytes_per_window, "bits_per_byte": summary.bits_per_byte,
@@ -81,7 +87,7 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
 
 
 def read_summary(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / SUMMARY_FILE
+    path = storage.path(shard_dir) / SUMMARY_FILE
     try:
         return json.loads(path.read_text())
     except OSError:
@@ -94,7 +100,8 @@ def shard_summaries(specs: Sequence[str]) -> list[dict]:
     """The summaries of the shard directories that hold the files `specs` name (data.train)."""
     from hiermodel.data.sources import expand
 
-    directories = sorted({str(Path(path).parent) for spec in specs for path in expand(spec)})
+    directories = sorted({str(storage.path(path).parent) if storage.is_url(path) else str(Path(path).parent)
+                          for spec in specs for path in expand(spec)})
     return [read_summary(directory) | {"directory": directory} for directory in directories]
 
 
@@ -122,7 +129,7 @@ def read_records(shard_dir: str | Path) -> tuple[dict, list[shards.WindowRecord]
     """The summary and every document's window record, in the order they were compressed."""
     from grain.sources import ArrayRecordDataSource
 
-    shard_dir = Path(shard_dir)
+    shard_dir = storage.path(shard_dir)
     summary = read_summary(shard_dir)
     sources = []
     for name in summary["shards"]:

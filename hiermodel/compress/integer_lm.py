@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hiermodel import storage
 from hiermodel.compress.predictor import CDF_BITS
 from hiermodel.errors import UserError
 from hiermodel.models.layers import dense_attention, rope
@@ -150,7 +151,7 @@ class IntegerLM:
     @classmethod
     def load(cls, path: str | Path) -> "IntegerLM":
         """The model saved at `path`, or a UserError naming the file."""
-        return _load(Path(path))
+        return _load(str(path))
 
     @classmethod
     def from_run(cls, run_dir: str, max_context: int = DEFAULT_MAX_CONTEXT,
@@ -610,10 +611,10 @@ def _nested(named: dict) -> dict:
     return tree
 
 
-def _load(path: Path) -> IntegerLM:
+def _load(path: str) -> IntegerLM:
     what = f"{path}: not an integer M1 file (made by IntegerLM.save)"
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with storage.open_file(path) as f, np.load(f, allow_pickle=False) as archive:
             named = {name: archive[name] for name in archive.files}
         header = json.loads(named.pop("header").tobytes())
     except FileNotFoundError:

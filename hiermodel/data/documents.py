@@ -2,10 +2,9 @@
 
 import dataclasses
 import functools
-from pathlib import Path
-
 import numpy as np
 
+from hiermodel import storage
 from hiermodel.config import Config
 from hiermodel.errors import UserError
 from hiermodel.text.subword import Subword
@@ -92,14 +91,13 @@ class SubwordEncoding:
         return Document(tokens, self.token_bytes[tokens], _word_lengths(pieces, first))
 
 
-def tokenizer_path(config: Config) -> Path:
+def tokenizer_path(config: Config) -> str:
     """The run's own copy of its tokenizer once it has one, else that of the run it continues
     (`init_from`: continued pretraining keeps the original tokenizer), else `model.tokenizer`."""
     for run_dir in (config.run_dir, config.init_from):
-        saved = Path(run_dir) / TOKENIZER_FILE
-        if run_dir and saved.exists():
-            return saved
-    return Path(config.model.tokenizer)
+        if run_dir and (storage.path(run_dir) / TOKENIZER_FILE).exists():
+            return str(storage.path(run_dir) / TOKENIZER_FILE)
+    return config.model.tokenizer
 
 
 def encoding(config: Config):

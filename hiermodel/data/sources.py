@@ -51,7 +51,8 @@ def expand(spec: str) -> list[str]:
         return files
     target = storage.path(spec)
     try:
-        is_dir, exists = target.is_dir(), target.exists()
+        exists = target.exists()
+        is_dir = exists and target.is_dir()
     except Exception as e:  # object stores raise their own errors for an unreachable bucket
         raise UserError(f"{spec}: cannot reach it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if is_dir:
@@ -157,7 +158,7 @@ class _JsonlFile:
                 return
             lo += newline
         try:
-            with (storage.path(self.path).open("rb") if storage.is_url(self.path) else open(self.path, "rb")) as f:
+            with storage.open_file(self.path) as f:
                 f.seek(lo)
                 position = lo
                 while position < hi:
@@ -254,7 +255,7 @@ class DocumentSource:
         self._kept = None  # per file: which pieces of each unit are on this side of the holdout
         if holdout > 0 and split != "all":
             self._kept = [self._choose(f, holdout, split) for f in range(len(self._files))]
-        if not any(True for f in range(len(self.paths)) for _ in self._file_pieces(f)):
+        if not any(True for f in range(len(self.paths)) for _ in self.pieces(f)):
             raise UserError(f"{', '.join(specs)}: no documents" + (f" on the {split} side of the holdout"
                                                                    if self._kept else " (every file is empty)"))
 
@@ -267,9 +268,6 @@ class DocumentSource:
                 raise UserError(f"{path}: {e}") from None
             return _Documents(documents, read_bytes, cut, sum(map(len, documents)))
         if path.endswith(ARRAY_RECORD_SUFFIXES):
-            if storage.is_url(path):
-                raise UserError(f"{path}: ArrayRecord shards are read from local files only; copy them to local "
-                                "disk or use JSONL or text files in object storage")
             try:
                 records = ArrayRecordDataSource([path])
             except Exception as e:  # array_record raises bare RuntimeErrors on bad files
@@ -320,13 +318,10 @@ class DocumentSource:
                   for i in range(len(pieces))]
         return [dataclasses.replace(pieces[i], joins=pieces[i].joins and before[i]) for i in sorted(kept[unit])]
 
-    def _file_pieces(self, file_number: int) -> Iterator[Piece]:
-        for unit in range(self._files[file_number].units):
-            yield from self._read(file_number, unit)
-
     def pieces(self, file_number: int) -> Iterator[Piece]:
         """The pieces of one file, in order."""
-        return self._file_pieces(file_number)
+        for unit in range(self._files[file_number].units):
+            yield from self._read(file_number, unit)
 
     def documents(self) -> Iterator[bytes]:
         """Every document whole, in order (pieces joined): for tools that need whole texts."""

@@ -12,6 +12,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, trainers
 
+from hiermodel import storage
 from hiermodel.errors import UserError
 from hiermodel.text.words import split_words
 
@@ -40,14 +41,16 @@ class Subword:
     @classmethod
     def load(cls, path: str | Path) -> "Subword":
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(path)), str(path))
+            return cls(tokenizers.Tokenizer.from_str(storage.path(path).read_text()), str(path))
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such tokenizer file") from None
         except Exception as e:  # tokenizers raises bare Exceptions for unreadable files
             if isinstance(e, UserError):
                 raise
             raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})") from None
 
     def save(self, path: str | Path) -> None:
-        self.tokenizer.save(str(path))
+        storage.write_atomically(str(path), self.tokenizer.to_str().encode())
 
     def encode_words(self, words: list[bytes]) -> list[np.ndarray]:
         """The ids of each word; a cache keeps frequent words out of the tokenizer."""

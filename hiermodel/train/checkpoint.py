@@ -5,12 +5,13 @@ directory appears only once complete, so a crash mid-save leaves the previous on
 """
 
 import json
-from pathlib import Path
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from hiermodel import storage
 from hiermodel.errors import UserError
 
 
@@ -20,12 +21,12 @@ def _restore_args(abstract_tree, partial: bool = False) -> ocp.args.PyTreeRestor
     return ocp.args.PyTreeRestore(item=abstract_tree, restore_args=restore_args, partial_restore=partial)
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir).absolute() / "checkpoints"
+def checkpoint_dir(run_dir: str) -> epath.Path:
+    return storage.path(run_dir) / "checkpoints"
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int = 3, read_only: bool = False):
+    def __init__(self, run_dir: str, keep: int = 3, read_only: bool = False):
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(run_dir),
             options=ocp.CheckpointManagerOptions(
@@ -71,16 +72,16 @@ class Checkpointer:
 
 def open_run(run_dir: str) -> tuple[Checkpointer, int, dict]:
     """(checkpointer, latest step, resolved config) of a finished or running run, or a clear error."""
-    path = Path(run_dir)
+    path = storage.path(run_dir)
     if not path.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    if not checkpoint_dir(path).is_dir():
+    if not checkpoint_dir(run_dir).is_dir():
         raise UserError(f"{run_dir}: not a hiermodel run (no checkpoints/ directory)")
-    checkpointer = Checkpointer(path, read_only=True)
+    checkpointer = Checkpointer(run_dir, read_only=True)
     step = checkpointer.latest_step()
     if step is None:
         raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
-    config_file = checkpoint_dir(path) / str(step) / "config" / "metadata"
+    config_file = checkpoint_dir(run_dir) / str(step) / "config" / "metadata"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError):

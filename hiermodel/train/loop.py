@@ -5,12 +5,12 @@ import functools
 import math
 import signal
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import yaml
 
+from hiermodel import storage
 from hiermodel.config import Config, GateConfig, ModelConfig, from_dict, to_dict
 from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_split, open_train
@@ -118,7 +118,7 @@ def train(config: Config, devices=None) -> dict:
     logged metrics."""
     mesh = make_mesh(config.mesh, devices)
     validate(config, mesh)
-    run_dir = Path(config.run_dir)
+    run_dir = storage.path(config.run_dir)
     writer = MetricsWriter(run_dir, config.train.steps)
     data = config.data
     encoder = encoding(config)
@@ -205,7 +205,7 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                 for s, m in fetched:
                     bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(float(m[k]))]
                     if bad:
-                        where = Path(config.run_dir) / "checkpoints"
+                        where = storage.path(config.run_dir) / "checkpoints"
                         kept = (f"the last good checkpoint (step {last_saved}) is intact in {where}"
                                 if last_saved else "no checkpoint had been saved")
                         raise TrainingDiverged(f"{bad[0]} is {float(m[bad[0]])} at step {s}; "

@@ -4,9 +4,10 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
+
+from hiermodel import storage
 
 
 def format_duration(seconds: float) -> str:
@@ -24,16 +25,16 @@ def format_rate(per_second: float) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, total_steps: int):
+    def __init__(self, run_dir: str, total_steps: int):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.started = time.monotonic()
         self.first_step: int | None = None
         if self.enabled:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
-            from tensorboardX import SummaryWriter
-            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            storage.path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = storage.LineLog(storage.path(run_dir) / "metrics.jsonl")
+            from tensorboardX import SummaryWriter  # writes gs:// itself, through google-cloud-storage
+            self.tensorboard = SummaryWriter(str(storage.path(run_dir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
@@ -72,10 +73,10 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def read_metrics(run_dir: str | Path, kind: str = "train") -> dict[int, dict]:
+def read_metrics(run_dir: str, kind: str = "train") -> dict[int, dict]:
     """The last record of each step (a resumed run logs the steps after its checkpoint again)."""
     records = {}
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.path(run_dir) / "metrics.jsonl"
     for line in path.read_text().splitlines():
         record = json.loads(line)
         if record.get("kind") == kind:
