@@ -44,7 +44,7 @@ class Document:
 
 def _word_lengths(pieces: list, first: bool) -> np.ndarray:
     """Tokens per word, BOS (a word of its own) first when the document starts here."""
-    lengths = np.fromiter((len(p) for p in pieces), np.int32, len(pieces))
+    lengths = np.fromiter(map(len, pieces), np.int32, len(pieces))
     return np.concatenate([[1], lengths]).astype(np.int32) if first else lengths
 
 
