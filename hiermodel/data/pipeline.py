@@ -25,13 +25,15 @@ def check_shapes(config: DataConfig) -> None:
 @dataclasses.dataclass
 class _Read:
     """A piece as read: where it sits (source, unit, index in the unit, whether the unit's last),
-    the parent's state before its unit, and the piece as tokens."""
+    the parent's state before the group of units it came in and its position there, and the piece
+    as tokens."""
 
     source: int
     unit: int
     index: int
     unit_end: bool
     parent_state: dict
+    position: int
     piece: Piece
     document: Document
 
@@ -60,7 +62,7 @@ class _PackIterator(grain.DatasetIterator):
         self._reset()
 
     def _reset(self):
-        self._unit, self._unit_state, self._next_index = None, None, 0  # the unit being read
+        self._group, self._group_state, self._next = None, None, 0  # the pieces of the group of units being read
         self._peeked = None  # a piece read ahead that is not part of the document in progress
         self._document: list[_Read] = []  # pieces of the document in progress not yet fully packed
         self._packed = 0  # words of _document[0] packed
@@ -70,19 +72,22 @@ class _PackIterator(grain.DatasetIterator):
         if self._peeked is not None:
             read, self._peeked = self._peeked, None
             return read
-        while self._unit is None or self._next_index >= len(self._unit[2]):
-            self._unit_state = self._parent.get_state()
+        while self._group is None or self._next >= len(self._group):
+            self._group_state = self._parent.get_state()
             try:
-                self._unit = next(self._parent)
+                self._group = self._flatten(next(self._parent))
             except StopIteration:
-                self._unit = None
+                self._group = None
                 return None
-            self._next_index = 0
-        source, unit, converted = self._unit
-        index = self._next_index
-        self._next_index += 1
-        piece, document = converted[index]
-        return _Read(source, unit, index, index == len(converted) - 1, self._unit_state, piece, document)
+            self._next = 0
+        source, unit, index, unit_end, piece, document = self._group[self._next]
+        self._next += 1
+        return _Read(source, unit, index, unit_end, self._group_state, self._next - 1, piece, document)
+
+    @staticmethod
+    def _flatten(group: list) -> list[tuple]:
+        return [(source, unit, i, i == len(converted) - 1, piece, document)
+                for source, unit, converted in group for i, (piece, document) in enumerate(converted)]
 
     def _fill(self) -> Document | None:
         """The unpacked words of the document in progress (starting one if none is), with at least
@@ -138,23 +143,23 @@ class _PackIterator(grain.DatasetIterator):
     def get_state(self) -> dict:
         if self._document:
             head = self._document[0]
-            return {"parent": head.parent_state, "piece": head.index, "packed": self._packed}
+            return {"parent": head.parent_state, "piece": head.position, "packed": self._packed}
         if self._peeked is not None:
-            return {"parent": self._peeked.parent_state, "piece": self._peeked.index, "packed": 0}
-        if self._unit is not None and self._next_index < len(self._unit[2]):
-            return {"parent": self._unit_state, "piece": self._next_index, "packed": 0}
+            return {"parent": self._peeked.parent_state, "piece": self._peeked.position, "packed": 0}
+        if self._group is not None and self._next < len(self._group):
+            return {"parent": self._group_state, "piece": self._next, "packed": 0}
         return {"parent": self._parent.get_state(), "piece": 0, "packed": 0}
 
     def set_state(self, state: dict) -> None:
         self._builder.finish()
         self._parent.set_state(state["parent"])
         self._reset()
-        self._unit_state = state["parent"]
+        self._group_state = state["parent"]
         try:
-            self._unit = next(self._parent)
+            self._group = self._flatten(next(self._parent))
         except StopIteration:
             return
-        self._next_index = state["piece"]
+        self._next = state["piece"]
         if state["packed"]:
             self._fill()
             self._used = self._packed = state["packed"]
@@ -221,8 +226,14 @@ def train_dataset(config: DataConfig, source: DocumentSource | list[DocumentSour
     # threads against 1.37 with none; 64 KB: 2.49 against 3.30).
     read = grain.ReadOptions(num_threads=0)
 
+    # Small units travel in groups of about data.read_bytes: grain's cost per element is then paid
+    # per group, not per (say) 1 KB file.
+    groups = [max(1, config.read_bytes // max(s.nbytes // len(s), 1)) if config.read_bytes else 1 for s in sources]
+    if weights is not None:
+        weights = [w / g for w, g in zip(weights, groups)]
+
     def shard(index: int) -> grain.IterDataset:
-        streams = [ds[index::shards].repeat(None) for ds in units]
+        streams = [ds[index::shards].batch(g, batch_fn=list).repeat(None) for ds, g in zip(units, groups)]
         mixed = streams[0] if weights is None else grain.MapDataset.mix(streams, weights)
         rows = mixed.to_iter_dataset(read)
         return PackIterDataset(rows, config.row_tokens, config.row_words).batch(local_batch // len(mine),
