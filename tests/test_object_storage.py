@@ -122,6 +122,9 @@ def test_a_run_in_a_bucket_is_killed_resumed_and_evaluated_like_a_local_one(emul
         scores[where] = json.loads(storage.path(out).read_text())
     assert scores["bucket"]["bytes"] == len(files["held_out.txt"])
     assert scores["bucket"]["bpb"] == pytest.approx(scores["local"]["bpb"], rel=1e-6)
+    continued = run_cli(*train_args(f"{BUCKET}/data", f"{BUCKET}/runs/b", 2), f"init_from={run}", env=emulator)
+    assert continued.returncode == 0, continued.stderr
+    assert f"initialising weights from {run} step {steps}" in continued.stderr
 
 
 @pytest.mark.parametrize("spec, message", [
