@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import jax
 import pytest
 
 from hiermodel import config as config_lib
@@ -52,3 +53,13 @@ SIZES = {"1b": (0.8e9, 1.2e9), "3b": (2.5e9, 3.5e9), "7b": (6.5e9, 8e9)}
                          + [("tiny", 1e6, 1e7), ("tiny_byte", 1e6, 1e7), ("tiny_subword", 1e6, 1e7)])
 def test_scale_configs_build_to_their_size(name, low, high):
     assert low < num_params(config_lib.load(CONFIGS / f"{name}.yaml")) < high
+
+
+@pytest.mark.parametrize("key", ["log_every", "eval_every", "checkpoint_every"])
+def test_intervals_of_zero_steps_are_refused_before_anything_compiles(key):
+    from hiermodel.train.loop import validate
+    from hiermodel.train.sharding import make_mesh
+
+    config = config_lib.load(CONFIGS / "tiny.yaml", [f"train.{key}=0", "mesh.data=1"])
+    with pytest.raises(UserError, match=f"train.{key}=0 must be at least 1"):
+        validate(config, make_mesh(config.mesh, jax.devices()[:1]))

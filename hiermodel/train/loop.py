@@ -84,6 +84,10 @@ def validate(config: Config, mesh) -> None:
     shards = math.prod(mesh.shape[a] for a in batch_sharding(mesh).spec[0])
     if t.steps < 1 or t.grad_accum < 1 or t.batch_size < 1:
         raise UserError("train.steps, train.batch_size and train.grad_accum must be positive")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        if getattr(t, name) < 1:
+            raise UserError(f"train.{name}={getattr(t, name)} must be at least 1 (a number of steps; set it "
+                            f"above train.steps to do it only at the end)")
     if t.batch_size % (t.grad_accum * jax.process_count()) or (t.batch_size // t.grad_accum) % shards:
         raise UserError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                         f"microbatches divisible by the {shards} batch shards and {jax.process_count()} processes")
