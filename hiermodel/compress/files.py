@@ -100,8 +100,7 @@ def shard_summaries(specs: Sequence[str]) -> list[dict]:
     """The summaries of the shard directories that hold the files `specs` name (data.train)."""
     from hiermodel.data.sources import expand
 
-    directories = sorted({str(storage.path(path).parent) if storage.is_url(path) else str(Path(path).parent)
-                          for spec in specs for path in expand(spec)})
+    directories = sorted({os.path.dirname(path) or "." for spec in specs for path in expand(spec)})
     return [read_summary(directory) | {"directory": directory} for directory in directories]
 
 

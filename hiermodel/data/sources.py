@@ -313,10 +313,12 @@ class DocumentSource:
         if self._kept is None:
             return pieces
         kept, counts = self._kept[file_number]
-        # A piece whose predecessor is on the other side starts a stream of its own.
-        before = [(i - 1 in kept[unit]) if i else (unit > 0 and counts[unit - 1] - 1 in kept[unit - 1])
-                  for i in range(len(pieces))]
-        return [dataclasses.replace(pieces[i], joins=pieces[i].joins and before[i]) for i in sorted(kept[unit])]
+
+        def predecessor_kept(i: int) -> bool:  # else the piece starts a stream of its own
+            return i - 1 in kept[unit] if i else unit > 0 and counts[unit - 1] - 1 in kept[unit - 1]
+
+        return [dataclasses.replace(pieces[i], joins=pieces[i].joins and predecessor_kept(i))
+                for i in sorted(kept[unit])]
 
     def pieces(self, file_number: int) -> Iterator[Piece]:
         """The pieces of one file, in order."""
