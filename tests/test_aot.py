@@ -49,6 +49,7 @@ def test_the_compiled_step_holds_exactly_its_shard_of_state_and_batch(target):
         assert shards <= report["arguments_bytes"] <= 4 * shards
     assert report["aliased_bytes"] > 0  # the donated state is updated in place
     assert report["peak_bytes"] >= report["arguments_bytes"]
+    assert 0 < report["model_flops_per_step"] < report["train_flops_per_step"]
     if target.startswith("v5p"):
         assert report["device_kind"] == "TPU v5" and report["fits"] is True
 

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
             print(f"{target}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, {r['batch_rows']} rows of "
                   f"{r['row_tokens']} in {r['grad_accum']} microbatches: per device {_gib(r['peak_bytes'])} peak of {_gib(r['device_memory_bytes'])} "
                   f"({verdict}; state+batch {_gib(r['arguments_bytes'])}, temporaries "
-                  f"{_gib(r['temporaries_bytes'])}); {r['train_flops_per_device']:.3e} FLOPs per device per step; "
+                  f"{_gib(r['temporaries_bytes'])}); {r['train_flops_per_device']:.3e} hardware "
+                  f"({r['model_flops_per_device']:.3e} model) FLOPs per device per step; "
                   f"compiled in {r['compile_seconds']:.0f}s", flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -66,21 +66,24 @@ class TransformerLM(nnx.Module):
 
 
 def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: int,
-                      recompute: str | None = None) -> int:
+                      recompute: str | None = None, causal_pairs: bool = False) -> int:
     """Matmul FLOPs of TransformerLM's forward over one row; with `recompute` (a model.remat
-    value), only what the backward pass computes again."""
-    return (stack_flops(cfg, length, window, recompute)
+    value), only what the backward pass computes again; causal_pairs: see block_flops."""
+    return (stack_flops(cfg, length, window, recompute, causal_pairs)
             + (2 * length * cfg.backbone_dim * vocab_size if recompute is None else 0))
 
 
-def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | None = None) -> int:
+def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | None = None,
+                causal_pairs: bool = False) -> int:
     """Matmul FLOPs of the backbone-shaped stack over `length` positions; with a gate, its layers
-    after the gate attend densely (soft deletion computes every position)."""
+    after the gate compute every position (soft deletion) and attend densely, so counted; with
+    causal_pairs they count the pairs their mask keeps, window included."""
     block = lambda w: block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
-                                  cfg.backbone_mlp_dim, w, recompute)
+                                  cfg.backbone_mlp_dim, w, recompute, causal_pairs)
     gated = cfg.backbone_layers - cfg.gate.layer if cfg.gate.layer else 0
     gate = gate_flops(cfg.backbone_dim, length) if gated and recompute is None else 0
-    return (cfg.backbone_layers - gated) * block(window) + gated * block(0) + gate
+    gated_window = window if causal_pairs else 0
+    return (cfg.backbone_layers - gated) * block(window) + gated * block(gated_window) + gate
 
 
 class ByteLM(TransformerLM):
@@ -88,5 +91,6 @@ class ByteLM(TransformerLM):
         super().__init__(cfg, VOCAB_SIZE, cfg.byte_window, rngs)
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None) -> int:
-    return transformer_flops(cfg, VOCAB_SIZE, cfg.byte_window, row_tokens, recompute)
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None,
+                  causal_pairs: bool = False) -> int:
+    return transformer_flops(cfg, VOCAB_SIZE, cfg.byte_window, row_tokens, recompute, causal_pairs)

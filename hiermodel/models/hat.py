@@ -185,12 +185,14 @@ class HAT(nnx.Module):
         return (self.head_norm(x_BxSxD) @ self.head[...]).astype(jnp.float32), state
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None) -> int:
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None,
+                  causal_pairs: bool = False) -> int:
     """Matmul FLOPs of the forward over one row, as computed (masked attention pairs included);
-    with `recompute` (a model.remat value), only what the backward pass computes again."""
+    with `recompute` (a model.remat value), only what the backward pass computes again;
+    causal_pairs: attention over the kept pairs only (see block_flops)."""
     byte_block = block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
-                             cfg.byte_window, recompute)
-    backbone = stack_flops(cfg, row_words, 0, recompute)
+                             cfg.byte_window, recompute, causal_pairs)
+    backbone = stack_flops(cfg, row_words, 0, recompute, causal_pairs)
     # Inside the decoder's blocks; a remat never recomputes it (its result only feeds a sum).
     conditioning = 2 * row_tokens * cfg.backbone_dim * cfg.byte_dim if recompute is None else 0
     blocks = (cfg.encoder_layers + cfg.decoder_layers) * byte_block + backbone + cfg.decoder_layers * conditioning

@@ -325,13 +325,20 @@ def run_blocks(blocks, x_BxTxD, *args, remat: str = "none", scan: bool = False):
 
 
 def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, window: int = 0,
-                recompute: str | None = None) -> int:
+                recompute: str | None = None, causal_pairs: bool = False) -> int:
     """Matmul FLOPs of one Block's forward over one row of `length` positions, as computed; with
-    `recompute` (a model.remat value), only what the backward pass computes again."""
+    `recompute` (a model.remat value), only what the backward pass computes again. causal_pairs:
+    attention over only the query-key pairs the causal mask and window keep, each once (model
+    FLOPs), instead of every pair the kernel computes."""
     head_dim = dim // heads
     inputs = dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 2 * dim * mlp_dim  # q, k, v, gate, up
     outputs = heads * head_dim * dim + mlp_dim * dim  # attention and MLP out: their results feed only sums
-    scores_and_values = 2 * 2 * heads * head_dim * attention_score_pairs(length, window)
+    if causal_pairs:  # query t keeps min(t + 1, reach) keys
+        reach = min(window or length, length)
+        pairs = length * reach - reach * (reach - 1) // 2
+    else:
+        pairs = attention_score_pairs(length, window)
+    scores_and_values = 2 * 2 * heads * head_dim * pairs
     if recompute is None:
         return 2 * (inputs + outputs) * length + scores_and_values
     # Gradients need the inputs of every matmul but not the outputs of the last two.

@@ -2,7 +2,8 @@
 
 A kind is a module class built as cls(config, rngs) whose __call__(batch) returns next-token
 logits [B, T, V] (position t predicts token t+1), and the matmul FLOPs of its forward over one
-row of the configured shape (embedding lookups and elementwise work are not counted).
+row of the configured shape (embedding lookups and elementwise work are not counted), as the
+hardware computes them or, with causal_pairs, as the model needs them.
 """
 
 from flax import nnx
@@ -58,7 +59,15 @@ def forward_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
 
 
 def train_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
-    """Matmul FLOPs of one row's training step: the backward pass costs two forwards, plus what
-    the remat policy computes again."""
+    """Hardware matmul FLOPs of one row's training step (for HFU): the backward pass costs two
+    forwards, plus what the remat policy computes again; attention counts every pair computed."""
     recomputed = KINDS[config.kind][1](config, row_tokens, row_words, config.remat)
     return 3 * forward_flops(config, row_tokens, row_words) + recomputed
+
+
+def model_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
+    """Model matmul FLOPs of one row's training step (for MFU, as PaLM counts them): three
+    forwards, nothing recomputed, attention only over the query-key pairs the causal mask and
+    window keep. Document boundaries within a packed row are not subtracted, and a gate's later
+    layers count every position, as soft deletion computes them whatever the gate deletes."""
+    return 3 * KINDS[config.kind][1](config, row_tokens, row_words, causal_pairs=True)

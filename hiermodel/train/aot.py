@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from hiermodel.config import Config
 from hiermodel.errors import UserError
-from hiermodel.models.registry import train_flops
+from hiermodel.models.registry import model_flops, train_flops
 from hiermodel.train import state as state_lib
 from hiermodel.train.sharding import batch_sharding, make_mesh
 from hiermodel.train.step import jit_train_step, optimizer
@@ -74,15 +74,19 @@ def compile_train_step(config: Config, mesh):
 
 
 def compile_report(config: Config, devices: list) -> dict:
-    """Per-device memory of the compiled step, and its FLOPs."""
+    """Per-device memory of the compiled step, and its FLOPs: hardware (train_flops, remat's
+    recompute and masked attention included) and model (model_flops)."""
     mesh = make_mesh(config.mesh, devices)
     kind = devices[0].device_kind
-    step_flops = config.train.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
+    shape = config.model, config.data.row_tokens, config.data.row_words
+    step_flops = config.train.batch_size * train_flops(*shape)
+    step_model_flops = config.train.batch_size * model_flops(*shape)
     capacity = DEVICE_MEMORY.get(kind)
     report = {"devices": len(devices), "device_kind": kind, "mesh": dict(mesh.shape),
               "batch_rows": config.train.batch_size, "grad_accum": config.train.grad_accum,
               "row_tokens": config.data.row_tokens, "device_memory_bytes": capacity,
-              "train_flops_per_step": step_flops, "train_flops_per_device": step_flops / len(devices)}
+              "train_flops_per_step": step_flops, "train_flops_per_device": step_flops / len(devices),
+              "model_flops_per_step": step_model_flops, "model_flops_per_device": step_model_flops / len(devices)}
     try:
         memory = compile_train_step(config, mesh).memory_analysis()
     except jax.errors.JaxRuntimeError as e:
