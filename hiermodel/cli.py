@@ -10,30 +10,6 @@ from hiermodel.errors import UserError
 USAGE_ERROR = 2
 
 
-def _load_run(run_dir: str):
-    """(config, mesh, graphdef, params) of a run's latest checkpoint, on all local devices; the
-    config's run_dir is where the run is now."""
-    from hiermodel import config as config_lib
-    from hiermodel.models.registry import check_kind
-    from hiermodel.train import state as state_lib
-    from hiermodel.train.checkpoint import open_run
-    from hiermodel.train.sharding import make_mesh
-
-    checkpointer, step, saved = open_run(run_dir)
-    config = config_lib.from_dict(saved, f"{run_dir} checkpoint {step} config")
-    config.run_dir = run_dir
-    check_kind(config.model)
-    mesh = make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1))
-    graphdef, abstract = state_lib.abstract_params(config, mesh)
-    try:
-        params = checkpointer.restore_params(step, abstract)
-    except (ValueError, KeyError) as e:
-        reason = str(e).splitlines()[0][:200]
-        raise UserError(f"{run_dir}: checkpoint {step} does not hold this model's parameters ({reason})") from None
-    checkpointer.close()
-    return config, mesh, graphdef, params
-
-
 def cmd_train(args) -> int:
     from hiermodel import config as config_lib
     from hiermodel.train.distributed import initialize
@@ -52,13 +28,13 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import jax
 
-    from hiermodel.data.documents import encoding
+    from hiermodel.run import encoding, load_params
     from hiermodel.data.sources import DocumentSource, open_split
     from hiermodel.eval.perturb import Perturbation, PerturbedSource
     from hiermodel.eval.score import LANGUAGE, make_score_fn, score_source
 
     perturbations = [Perturbation.parse(spec) for spec in args.perturb]
-    config, mesh, graphdef, params = _load_run(args.checkpoint)
+    config, mesh, graphdef, params = load_params(args.checkpoint)
     encoder = encoding(config)
     if perturbations and not encoder.reads_text:
         raise UserError(f"{args.checkpoint}: --perturb changes text, and an eiw model reads compressed windows; "
@@ -107,7 +83,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import jax
 
-    from hiermodel.data.documents import encoding
+    from hiermodel.run import encoding, load_params
     from hiermodel.eval.generate import Sampling, generate
 
     if args.max_bytes < 1:
@@ -116,7 +92,7 @@ def cmd_generate(args) -> int:
         raise UserError("--top-p must be in (0, 1]")
     if args.top_k < 0:
         raise UserError("--top-k must be 0 (off) or positive")
-    config, mesh, graphdef, params = _load_run(args.checkpoint)
+    config, mesh, graphdef, params = load_params(args.checkpoint)
     encoder = encoding(config)
     prompts = [p.encode("utf-8", errors="surrogateescape") for p in args.prompt]
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)

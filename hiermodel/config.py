@@ -105,8 +105,10 @@ class TrainConfig:
     eval_every: int = 200
     eval_rows: int = 64
     checkpoint_every: int = 200
+    checkpoint_minutes: float = 0.0  # also save at the first log step this long after the last save; 0: off
     keep_checkpoints: int = 3
-    peak_flops: float = 0.0  # per device; 0 picks a figure for the device kind
+    peak_flops: float = 0.0  # bf16 FLOP/s per device for MFU; 0: the table's figure for the device kind
+    profile_steps: str = ""  # START:END writes a jax.profiler trace of those steps to RUN_DIR/profile
     freeze: list[str] = dataclasses.field(default_factory=list)  # model parts left as they are, e.g. encoder,decoder
 
 

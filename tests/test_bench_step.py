@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hiermodel import config as config_lib
-from hiermodel.models.registry import train_flops
+from hiermodel.models.registry import model_flops, train_flops
 from tests.conftest import MICRO
 from tools import bench_step
 
@@ -17,8 +17,10 @@ def test_step_benchmark_reports_consistent_figures(capsys):
     # Packed rows are nearly full of text: the bytes a step learns from are most of 8 rows.
     assert 0.8 * 8 * config.data.row_tokens < result["bytes_per_step"] <= 8 * config.data.row_tokens
     assert result["bytes_per_s"] == pytest.approx(result["bytes_per_step"] / result["step_seconds"])
-    flops = 8 * train_flops(config.model, config.data.row_tokens, config.data.row_words)
-    assert result["mfu"] == pytest.approx(flops / result["step_seconds"] / result["peak_flops"])
+    shape = (config.model, config.data.row_tokens, config.data.row_words)
+    assert result["hfu"] == pytest.approx(8 * train_flops(*shape) / result["step_seconds"] / result["peak_flops"])
+    assert result["mfu"] == pytest.approx(8 * model_flops(*shape) / result["step_seconds"] / result["peak_flops"])
+    assert result["mfu"] < result["hfu"]  # micro's attention is causal: the model needs fewer pairs than are computed
     assert "ms/step (median of 3)" in capsys.readouterr().out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hiermodel import cli
+from hiermodel import cli, run
 from hiermodel.data.documents import ByteEncoding
 from hiermodel.data.packing import RowBuilder
 from hiermodel.text.words import split_words
@@ -45,12 +45,12 @@ def trained(tmp_path_factory):
     return run_dir
 
 
-def wait_for(predicate, process, timeout=300):
+def wait_for(predicate, process, timeout=300, poll_s=0.02):
     deadline = time.monotonic() + timeout
     while not predicate():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+        time.sleep(poll_s)
 
 
 def start_training(run_dir, steps):
@@ -62,16 +62,25 @@ def start_training(run_dir, steps):
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_a_killed_run_resumes_to_the_same_losses(tmp_path):
+def saving(run_dir) -> bool:
+    """A save after step 4 is under way: orbax writes it under a temporary name first."""
+    names = [p.name for p in checkpoint_dir(run_dir).iterdir()] if checkpoint_dir(run_dir).is_dir() else []
+    return "4" in names and any(".orbax-checkpoint-tmp" in name for name in names)
+
+
+def test_a_run_killed_during_a_save_resumes_from_the_last_whole_checkpoint_to_the_same_losses(tmp_path):
     steps = 30
     whole = run_cli("train", MICRO, f"run_dir={tmp_path / 'whole'}", f"train.steps={steps}", "train.log_every=1")
     assert whole.returncode == 0, whole.stderr
     process = start_training(tmp_path / "killed", steps)
-    wait_for(lambda: (checkpoint_dir(tmp_path / "killed") / "4").is_dir(), process)
+    wait_for(lambda: saving(tmp_path / "killed"), process, poll_s=0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = max(read_metrics(tmp_path / "killed"))
     assert killed_at < steps, "the run finished before it was killed"
+    unfinished = [p.name for p in checkpoint_dir(tmp_path / "killed").iterdir() if "tmp" in p.name]
+    last_whole = latest_step(tmp_path / "killed")
+    assert last_whole is not None and all(not name.startswith(f"{last_whole}.") for name in unfinished)
     resumed = run_cli("train", MICRO, f"run_dir={tmp_path / 'killed'}", f"train.steps={steps}", "train.log_every=1")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
@@ -129,7 +138,7 @@ def test_eval_reports_the_sum_of_per_byte_bits(trained, tmp_path):
     assert dropped["bytes"] == result["bytes"] and dropped["bits"] < 0.9 * result["bits"]
 
     # Independently: each document alone in a row, -log2 p of each of its bytes, summed.
-    config, _, graphdef, params = cli._load_run(str(trained))
+    config, _, graphdef, params = run.load_params(str(trained))
     model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))
     for entry, (name, data) in zip(result["per_source"], docs.items()):
         doc = ByteEncoding(config.data.max_word_bytes).document(data)
@@ -180,8 +189,8 @@ def test_init_from_loads_weights_only(trained, tmp_path):
     config = micro_config(run_dir=tmp_path / "continued", init_from=trained, **{"train.steps": 1,
                                                                                 "train.learning_rate": 0.0})
     train(config)
-    _, _, _, source = cli._load_run(str(trained))
-    _, _, _, continued = cli._load_run(str(tmp_path / "continued"))
+    _, _, _, source = run.load_params(str(trained))
+    _, _, _, continued = run.load_params(str(tmp_path / "continued"))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, continued), jax.tree.map(np.asarray, source))
     assert latest_step(tmp_path / "continued") == 1
 

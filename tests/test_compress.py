@@ -8,7 +8,9 @@ import pytest
 
 from hiermodel.cli import main
 from hiermodel.compress import files
+from hiermodel.data import window_records
 from hiermodel.errors import UserError
+from hiermodel.run import INTEGER_M1_FILE
 from tests.conftest import micro_config
 
 DOCUMENTS = [b"", b"a", "Grüße aus Köln, 世界!\n".encode() * 3, bytes(range(256)) * 2,
@@ -49,9 +51,9 @@ def test_the_cli_restores_a_file_byte_for_byte(m1_run, tmp_path, corpus, capsys)
 
 def test_the_wrong_m1_or_a_broken_directory_is_a_clear_error(m1_run, tmp_path):
     files.compress(m1_run, DOCUMENTS[2:], tmp_path / "w")
-    summary = json.loads((tmp_path / "w" / files.SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / "w" / window_records.SUMMARY_FILE).read_text())
     summary["m1_fingerprint"] = "0" * 64
-    (tmp_path / "w" / files.SUMMARY_FILE).write_text(json.dumps(summary))
+    (tmp_path / "w" / window_records.SUMMARY_FILE).write_text(json.dumps(summary))
     with pytest.raises(UserError, match="is not the one that compressed"):
         files.decompress(m1_run, tmp_path / "w")
     with pytest.raises(UserError, match="not a window shard directory"):
@@ -85,11 +87,11 @@ def test_m2_trains_on_compressed_shards_and_is_scored_in_raw_bytes(m2_run, capsy
     from hiermodel.train.metrics import read_metrics
 
     run_dir, tmp_path = m2_run, Path(m2_run).parent
-    coded = files.read_summary(tmp_path / "eval")
+    coded = window_records.read_summary(str(tmp_path / "eval"))
     logged = [entry for step, entry in sorted(read_metrics(run_dir).items()) if "loss" in entry]
     assert logged[-1]["loss"] < logged[0]["loss"]
     # M1's FLOPs per byte are in M2's (the training FLOPs count M2's alone).
-    m1_per_byte = files.m1_flops_per_byte([str(tmp_path / "train" / "*.arrayrecord")])
+    m1_per_byte = window_records.m1_flops_per_byte(window_records.shard_summaries([str(tmp_path / "train" / "*.arrayrecord")]))
     assert m1_per_byte > 0 and all(entry["flops_per_byte"] > m1_per_byte for entry in logged)
 
     out = tmp_path / "eval.json"
@@ -108,25 +110,24 @@ def test_m1_flops_per_byte_count_every_m1_step_of_the_coder(m1_run, tmp_path):
     from hiermodel.compress.integer_lm import IntegerLM
 
     summary = files.compress(m1_run, DOCUMENTS, tmp_path / "w", batch_size=3, segment_bytes=50)
-    shape = IntegerLM.load(f"{m1_run}/{files.INTEGER_M1_FILE}").shape
+    shape = IntegerLM.load(f"{m1_run}/{INTEGER_M1_FILE}").shape
     # The shared BOS step, then one step per byte a window took but its first (whose CDF is
     # BOS's), and one more for the byte that did not fit.
     windows, capacity = summary["windows_out"], shape.max_context - 1
     assert summary["bytes_in"] - windows < summary["m1_positions"] <= windows * capacity + 1
     assert summary["m1_flops_per_byte"] == pytest.approx(summary["m1_positions"] * shape.position_flops()
                                                          / summary["bytes_in"])
-    assert files.m1_flops_per_byte([str(tmp_path / "w" / "*.arrayrecord")]) == pytest.approx(
+    assert window_records.m1_flops_per_byte(window_records.shard_summaries([str(tmp_path / "w" / "*.arrayrecord")])) == pytest.approx(
         summary["m1_flops_per_byte"])
 
 
 def test_m2_generation_decodes_its_windows_with_m1(m2_run, m1_run, capsys):
     from hiermodel.compress import windows
     from hiermodel.compress.integer_lm import IntegerPredictor
-    from hiermodel.cli import _load_run
-    from hiermodel.data.documents import encoding
     from hiermodel.eval.generate import Sampling, generate_windows
+    from hiermodel.run import encoding, load_params
 
-    config, mesh, graphdef, params = _load_run(m2_run)
+    config, mesh, graphdef, params = load_params(m2_run)
     predictor = IntegerPredictor(files.integer_m1(m1_run))
     prompts = [b"It is a truth universally", b""]
     with jax.set_mesh(mesh):
@@ -158,7 +159,7 @@ def test_a_matched_flops_comparison_charges_m2_for_m1(m2_run, tmp_path):
     held_out = f"data.eval={Path(m2_run).parent / 'eval' / '*.arrayrecord'}"
     [planned] = plan([config_file], [held_out], tmp_path, budget_flops=1e12, budget_bytes=0, curve_points=2)
     config = planned.config
-    m1_per_byte = files.m1_flops_per_byte(config.data.train)
+    m1_per_byte = window_records.m1_flops_per_byte(window_records.shard_summaries(config.data.train))
     assert planned.m1_flops_per_byte == m1_per_byte > 0
     model_flops = config.train.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
     assert planned.step_flops == model_flops + int(m1_per_byte * bytes_per_step(config))

@@ -257,7 +257,7 @@ def test_real_corpus_packs_in_every_script(corpus):
 
 def test_end_of_text_ends_every_document_as_a_word_of_its_own_and_is_scored_once(tmp_path):
     from hiermodel.config import Config, ModelConfig
-    from hiermodel.data.documents import encoding
+    from hiermodel.run import encoding
     from hiermodel.text.words import END_ID
 
     data = "Grüße, 日本\xff".encode("utf-8", "surrogateescape")

@@ -128,7 +128,7 @@ def train_gated(run_dir, steps: int, corpus=None, **overrides):
 
 
 def test_the_controller_holds_the_target_rate_and_a_learned_gate_beats_random_deletion(tmp_path, corpus):
-    from hiermodel.data.documents import encoding
+    from hiermodel.run import encoding
     from hiermodel.data.sources import open_split
     from hiermodel.eval.score import make_score_fn, score_source
     from hiermodel.train import state as state_lib
@@ -179,7 +179,7 @@ def test_a_resumed_gated_run_continues_the_controller_exactly(tmp_path):
 
 
 def test_a_trained_model_continues_with_a_fresh_delete_gate(tmp_path):
-    from hiermodel.cli import _load_run
+    from hiermodel.run import load_params
     from hiermodel.train.loop import train
 
     base = micro_config(run_dir=tmp_path / "base", **{"mesh.data": 1, "train.steps": 2})
@@ -188,8 +188,8 @@ def test_a_trained_model_continues_with_a_fresh_delete_gate(tmp_path):
     gated = micro_config(run_dir=tmp_path / "gated", init_from=str(tmp_path / "base"),
                          **{"mesh.data": 1, "model.gate.layer": 1, "train.steps": 1, "train.warmup_steps": 2})
     train(gated, devices=jax.devices()[:1])
-    _, _, _, before = _load_run(str(tmp_path / "base"))
-    _, _, _, after = _load_run(str(tmp_path / "gated"))
+    _, _, _, before = load_params(str(tmp_path / "base"))
+    _, _, _, after = load_params(str(tmp_path / "gated"))
     fresh = nnx.to_pure_dict(nnx.state(build(gated.model, nnx.Rngs(gated.seed)), nnx.Param))
     assert set(after) == set(before) | {"gate"}
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves({k: after[k] for k in before}),

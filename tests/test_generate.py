@@ -181,8 +181,8 @@ def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
 
 
 def test_a_model_trained_with_end_of_text_stops_there(tmp_path):
-    from hiermodel import cli
-    from hiermodel.data.documents import encoding
+    from hiermodel import run
+    from hiermodel.run import encoding
     from hiermodel.train.loop import train
 
     (tmp_path / "docs.txt").write_text("|".join(["The end."] * 400))
@@ -191,7 +191,7 @@ def test_a_model_trained_with_end_of_text_stops_there(tmp_path):
                                              "data.end_of_text": True, "mesh.data": 1, "train.steps": 30,
                                              "train.checkpoint_every": 30, "train.log_every": 10})
     train(config, devices=jax.devices()[:1])
-    _, _, graphdef, params = cli._load_run(str(run_dir))
+    _, _, graphdef, params = run.load_params(str(run_dir))
     args = (graphdef, params, encoding(config), [b"The end", b"The"], 20, config.data, "float32")
     greedy = Sampling(temperature=0)
     assert generate(*args, greedy) == generate(*args, greedy, cached=False) == [b".", b" end."]

@@ -133,10 +133,10 @@ def test_the_predictor_rejects_positions_past_max_context(model):
 
 
 def test_quantised_bits_per_byte_stay_close_to_the_float_model(trained, model):
-    from hiermodel.cli import _load_run
+    from hiermodel.run import load_params
 
     _, config = trained
-    _, _, _, params = _load_run(str(trained[0]))
+    _, _, _, params = load_params(str(trained[0]))
     held_out = [text for _, text in builtin_documents("eval")][:6]
     context = MAX_CONTEXT - 1
     float_bpb = integer_lm.float_bits_per_byte(params, config, held_out, context)

@@ -1,7 +1,10 @@
 """Two JAX processes on this machine (CPU collectives), four fake devices each, against one
-process with eight: the same losses and the same checkpoint."""
+process with eight: the same losses and the same checkpoint, through preemption of either
+process; and a run directory the processes do not share is refused."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -54,3 +57,87 @@ def test_two_processes_of_four_devices_train_exactly_like_one_of_eight(tmp_path)
     np.testing.assert_allclose(losses(multi.run_dir), losses(single.run_dir), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  final_params(multi), final_params(single))
+
+
+PREEMPTED_RUN = {"data.shards": 2, "mesh.data": 8, "train.steps": 40, "train.log_every": 1, "train.checkpoint_every": 4,
+                 "data.eval": "builtin:eval", "train.eval_every": 5, "train.eval_rows": 64}
+# Process 0 prints a step's progress line, then evaluates (every 5th step), then saves (every 4th):
+# a signal sent on seeing the line lands during evaluation, during a save, or between steps.
+SIGNAL_POINTS = [("during eval", 1, lambda s: s % 5 == 0),
+                 ("during a save", 0, lambda s: s % 4 == 0 and s % 5),
+                 ("between steps", 1, lambda s: s % 4 and s % 5)]
+
+
+def job_env(tmp_path):
+    return {**os.environ, "XLA_FLAGS": "", "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable,
+            "LOG_DIR": str(tmp_path / "logs")}
+
+
+def saved_steps(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def run_job(tmp_path, run_dir, overrides, signal_to=None, when=None):
+    """launch/multiprocess.sh 2 on the run; with signal_to, SIGTERM that process (0 or 1) once
+    process 0 prints the progress line of a step after the resumed one for which when(step) holds.
+    Returns (exit code, process 0's stderr, process 1's log)."""
+    start = saved_steps(run_dir)[-1] if (run_dir / "checkpoints").is_dir() else 0
+    stderr = tmp_path / "process-0.err"
+    with open(stderr, "w") as err:
+        job = subprocess.Popen([str(REPO / "launch" / "multiprocess.sh"), "2", str(MICRO), f"run_dir={run_dir}",
+                                *[f"{k}={v}" for k, v in overrides.items()]],
+                               cwd=REPO, env=job_env(tmp_path), stdout=subprocess.PIPE, stderr=err, text=True)
+        for line in job.stdout:
+            match = re.match(r"step\s+(\d+)/", line)
+            if signal_to is not None and match and int(match.group(1)) > start + 1 and when(int(match.group(1))):
+                pid = subprocess.run(["pgrep", "-f", f"run_dir={run_dir} .*distributed.process_id={signal_to}$"],
+                                     capture_output=True, text=True).stdout.split()
+                assert len(pid) == 1, pid
+                os.kill(int(pid[0]), signal.SIGTERM)
+                signal_to = None
+        code = job.wait(timeout=600)
+    return code, stderr.read_text(), (tmp_path / "logs" / "process-1.log").read_text()
+
+
+def test_a_signal_to_either_process_saves_one_step_everywhere_and_the_resumed_run_is_unchanged(tmp_path):
+    whole = micro_config(run_dir=tmp_path / "whole", **PREEMPTED_RUN)
+    train(whole)
+
+    run_dir = tmp_path / "preempted"
+    for point, process, when in SIGNAL_POINTS:
+        code, err, other = run_job(tmp_path, run_dir, PREEMPTED_RUN, process, when)
+        assert code == 0, f"{point}: {err}\n{other}"
+        stopped = re.findall(r"saved checkpoint at step (\d+) on every process", err)
+        assert len(stopped) == 1, f"{point}: {err}"
+        assert f"saved checkpoint at step {stopped[0]} on every process" in other  # the same step
+        assert saved_steps(run_dir)[-1] == int(stopped[0]) < PREEMPTED_RUN["train.steps"], point
+    code, err, other = run_job(tmp_path, run_dir, PREEMPTED_RUN)
+    assert code == 0 and "saved checkpoint" not in err, err
+    assert saved_steps(run_dir)[-1] == PREEMPTED_RUN["train.steps"]
+    assert sorted(read_metrics(run_dir)) == list(range(1, 41))
+    np.testing.assert_allclose(losses(run_dir), losses(whole.run_dir), rtol=1e-5)
+    evals = lambda d: {s: m["bpb"] for s, m in read_metrics(d, "eval").items()}
+    assert evals(run_dir).keys() == evals(whole.run_dir).keys()
+    np.testing.assert_allclose(list(evals(run_dir).values()), list(evals(whole.run_dir).values()), rtol=1e-5)
+
+
+def test_a_run_directory_each_host_sees_alone_is_refused_before_anything_is_written(tmp_path):
+    """Two processes, each in a directory of its own: a relative run_dir is then on each host's own disk."""
+    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('localhost', 0)); "
+                           "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO)}
+    hosts = [tmp_path / f"host{i}" for i in range(2)]
+    jobs = []
+    for i, host in enumerate(hosts):
+        host.mkdir()
+        jobs.append(subprocess.Popen(
+            [sys.executable, "-m", "hiermodel.cli", "train", str(MICRO), "run_dir=runs/mine", "mesh.data=2",
+             f"distributed.coordinator=localhost:{port}", "distributed.num_processes=2", f"distributed.process_id={i}"],
+            cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [job.communicate(timeout=300) for job in jobs]
+    for job, (out, err) in zip(jobs, results):
+        assert job.returncode == 2, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "processes 1 of 2 do not see what process 0 writes there" in errors[0], err
+        assert "gs://" in errors[0]
+    assert not (hosts[0] / "runs" / "mine").exists() and not (hosts[1] / "runs" / "mine").exists()

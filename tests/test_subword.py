@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hiermodel.config import MeshConfig
-from hiermodel.data.documents import TOKENIZER_FILE, SubwordEncoding, encoding
+from hiermodel.data.documents import SubwordEncoding
+from hiermodel.run import TOKENIZER_FILE, encoding
 from hiermodel.data.sources import DocumentSource
 from hiermodel.errors import UserError
 from hiermodel.eval.score import make_score_fn, score_source
@@ -13,7 +14,7 @@ from hiermodel.text import subword
 from hiermodel.text.words import split_words
 from hiermodel.train import state as state_lib
 from hiermodel.train.loop import train
-from hiermodel.train.checkpoint import open_run
+from hiermodel.run import open_latest
 from hiermodel.train.metrics import read_metrics
 from hiermodel.train.sharding import make_mesh
 from tests.conftest import micro_config
@@ -80,7 +81,7 @@ def test_subword_run_trains_keeps_its_tokenizer_and_scores_every_raw_byte(tmp_pa
     assert logged[-1]["bpb"] < 0.6 * logged[-1]["loss"] / math.log(2)
 
     source = DocumentSource(["builtin:eval"])
-    checkpointer, step, _ = open_run(run_dir)
+    checkpointer, step, _ = open_latest(run_dir)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     with jax.set_mesh(mesh):
         graphdef, abstract = state_lib.abstract_params(config, mesh)

@@ -24,12 +24,12 @@ def load(spec: str, overrides: list[str] = ()):
 
     from flax import nnx
 
-    from hiermodel import cli
+    from hiermodel import run
     from hiermodel import config as config_lib
     from hiermodel.models.registry import build
 
     if Path(spec).is_dir():
-        config, _, graphdef, params = cli._load_run(spec)
+        config, _, graphdef, params = run.load_params(spec)
         return config, graphdef, params
     config = config_lib.load(spec, list(overrides))
     graphdef, params = nnx.split(build(config.model, nnx.Rngs(config.seed)))
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
-    from hiermodel.data.documents import encoding
+    from hiermodel.run import encoding
     from hiermodel.eval.generate import Sampling, generate
     from hiermodel.train.state import num_params
 

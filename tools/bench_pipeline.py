@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from hiermodel import config as config_lib
-from hiermodel.data.documents import encoding
+from hiermodel.run import encoding
 from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_train
 

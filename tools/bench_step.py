@@ -4,8 +4,9 @@
 
 Batches come from the config's training data through the real pipeline and are all read before
 timing starts; each timed step is waited for, and the figures are medians over --steps steps
-after --warmup steps (the first compiles). MFU counts the analytic training FLOPs
-(hiermodel info) against the device's dense bf16 peak (train.peak_flops overrides it).
+after --warmup steps (the first compiles). MFU counts the model's FLOPs (causal attention pairs
+once, nothing recomputed), HFU the FLOPs the hardware runs (remat, masked pairs), both against
+the device kind's dense bf16 peak (train.peak_flops overrides it; unknown kinds get none).
 """
 
 import argparse
@@ -18,12 +19,12 @@ import time
 def bench(config, steps: int, warmup: int) -> dict:
     import jax
 
-    from hiermodel.data.documents import encoding
+    from hiermodel.run import encoding
     from hiermodel.data.pipeline import train_dataset
     from hiermodel.data.sources import open_train
-    from hiermodel.models.registry import train_flops
+    from hiermodel.models.registry import model_flops, train_flops
     from hiermodel.train import state as state_lib
-    from hiermodel.train.loop import peak_flops_per_device, validate
+    from hiermodel.train.loop import mesh_peak_flops, validate
     from hiermodel.train.sharding import make_mesh, to_global
     from hiermodel.train.step import jit_train_step, optimizer, target_bytes
 
@@ -49,13 +50,16 @@ def bench(config, steps: int, warmup: int) -> dict:
             if i >= warmup:
                 times.append(time.perf_counter() - started)
     step_bytes = statistics.median(float(target_bytes(b).sum()) for b in local) * jax.process_count()
-    step_flops = config.train.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
+    shape = (config.model, config.data.row_tokens, config.data.row_words)
+    step_flops = config.train.batch_size * train_flops(*shape)
+    step_model_flops = config.train.batch_size * model_flops(*shape)
     median = statistics.median(times)
-    peak = peak_flops_per_device(config) * mesh.size
+    peak, peak_source = mesh_peak_flops(config, mesh)
+    utilisation = {"mfu": step_model_flops / median / peak, "hfu": step_flops / median / peak} if peak else {}
     return {"device": jax.devices()[0].device_kind, "devices": mesh.size, "mesh": dict(mesh.shape),
             "step_seconds": median, "step_seconds_all": times, "bytes_per_step": step_bytes,
-            "bytes_per_s": step_bytes / median, "train_flops_per_step": step_flops, "peak_flops": peak,
-            "mfu": step_flops / median / peak}
+            "bytes_per_s": step_bytes / median, "train_flops_per_step": step_flops,
+            "model_flops_per_step": step_model_flops, "peak_flops": peak, "peak_source": peak_source, **utilisation}
 
 
 def main(argv=None) -> dict | None:
@@ -80,7 +84,8 @@ def main(argv=None) -> dict | None:
         return None
     print(f"{args.config}: {result['devices']} x {result['device']}, mesh {result['mesh']}: "
           f"{result['step_seconds'] * 1e3:.1f} ms/step (median of {args.steps}), "
-          f"{result['bytes_per_s']:,.0f} bytes/s, MFU {result['mfu']:.1%}")
+          f"{result['bytes_per_s']:,.0f} bytes/s, "
+          + (f"MFU {result['mfu']:.1%}, HFU {result['hfu']:.1%}" if "mfu" in result else result["peak_source"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

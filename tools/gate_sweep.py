@@ -27,15 +27,15 @@ def _runs(config_path: str, overrides: list[str], output: Path, targets: list[fl
 def _score(config, deletion: str) -> dict:
     import jax
 
-    from hiermodel.data.documents import encoding
+    from hiermodel.run import encoding
     from hiermodel.data.sources import open_split
     from hiermodel.eval.score import make_score_fn, score_source
     from hiermodel.train import state as state_lib
-    from hiermodel.train.checkpoint import open_run
+    from hiermodel.run import open_latest
     from hiermodel.train.sharding import make_mesh
 
     mesh = make_mesh(config.mesh)
-    checkpointer, step, _ = open_run(config.run_dir)
+    checkpointer, step, _ = open_latest(config.run_dir)
     with jax.set_mesh(mesh):
         graphdef, abstract = state_lib.abstract_params(config, mesh)
         params = checkpointer.restore_params(step, abstract)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Sequence
 
 from hiermodel import storage
-from hiermodel.compress import shards, windows
+from hiermodel.compress import windows
 from hiermodel.compress.integer_lm import IntegerLM, IntegerPredictor
+from hiermodel.data import window_records
 from hiermodel.errors import UserError
+from hiermodel.run import INTEGER_M1_FILE
 
-INTEGER_M1_FILE = "m1_integer.npz"
-SUMMARY_FILE = "summary.json"
 
 
 def integer_m1(run_dir: str) -> IntegerLM:
@@ -68,7 +68,7 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
         writers = [ArrayRecordWriter(name, "group_size:1") for name in written]
         try:
             for index, record in enumerate(records):
-                writers[index % num_shards].write(shards.pack(record))
+                writers[index % num_shards].write(window_records.pack(record))
         finally:
             for writer in writers:
                 writer.close()
@@ -82,61 +82,23 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
               "m1_fingerprint": model.fingerprint(), "m1_positions": m1_positions,
               "m1_flops_per_byte": m1_positions * model.shape.position_flops() / max(total, 1),
               "seconds": seconds, "bytes_per_s": total / max(seconds, 1e-9)}
-    (output / SUMMARY_FILE).write_text(json.dumps(result, indent=2))
+    (output / window_records.SUMMARY_FILE).write_text(json.dumps(result, indent=2))
     return result
 
 
-def read_summary(shard_dir: str | Path) -> dict:
-    path = storage.path(shard_dir) / SUMMARY_FILE
-    try:
-        return json.loads(path.read_text())
-    except OSError:
-        raise UserError(f"{shard_dir}: not a window shard directory (no {SUMMARY_FILE}; made by hiermodel compress)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
-def shard_summaries(specs: Sequence[str]) -> list[dict]:
-    """The summaries of the shard directories that hold the files `specs` name (data.train)."""
-    from hiermodel.data.sources import expand
-
-    directories = sorted({os.path.dirname(path) or "." for spec in specs for path in expand(spec)})
-    return [read_summary(directory) | {"directory": directory} for directory in directories]
-
-
-def check_shards_m1(specs: Sequence[str], m1_run: str) -> None:
-    """A UserError unless every shard directory `specs` name was coded by the integer M1 of m1_run."""
-    fingerprint = integer_m1(m1_run).fingerprint()
-    for summary in shard_summaries(specs):
-        if summary["m1_fingerprint"] != fingerprint:
-            raise UserError(f"{summary['directory']}: its windows were coded by the M1 of {summary['m1_run']} "
-                            f"({summary['m1_fingerprint'][:12]}), not by model.m1={m1_run} ({fingerprint[:12]})")
-
-
-def m1_flops_per_byte(specs: Sequence[str]) -> float:
-    """M1's FLOPs per raw byte in compressing the shards `specs` name, weighted by their bytes."""
-    summaries = shard_summaries(specs)
-    missing = [s["directory"] for s in summaries if "m1_flops_per_byte" not in s]
-    if missing:
-        raise UserError(f"{missing[0]}/{SUMMARY_FILE}: no m1_flops_per_byte (compressed by an older hiermodel); "
-                        f"compress it again")
-    total = sum(s["bytes_in"] for s in summaries)
-    return sum(s["m1_flops_per_byte"] * s["bytes_in"] for s in summaries) / max(total, 1)
-
-
-def read_records(shard_dir: str | Path) -> tuple[dict, list[shards.WindowRecord]]:
+def read_records(shard_dir: str | Path) -> tuple[dict, list[window_records.WindowRecord]]:
     """The summary and every document's window record, in the order they were compressed."""
     from grain.sources import ArrayRecordDataSource
 
     shard_dir = storage.path(shard_dir)
-    summary = read_summary(shard_dir)
+    summary = window_records.read_summary(str(shard_dir))
     sources = []
     for name in summary["shards"]:
         if not (shard_dir / name).exists():
-            raise UserError(f"{shard_dir / name}: missing (listed in {SUMMARY_FILE})")
+            raise UserError(f"{shard_dir / name}: missing (listed in {window_records.SUMMARY_FILE})")
         sources.append(ArrayRecordDataSource([str(shard_dir / name)]))
     n = len(sources)
-    records = [shards.unpack(sources[i % n][i // n], f"{shard_dir / summary['shards'][i % n]} record {i // n}")
+    records = [window_records.unpack(sources[i % n][i // n], f"{shard_dir / summary['shards'][i % n]} record {i // n}")
                for i in range(summary["documents"])]
     return summary, records
 

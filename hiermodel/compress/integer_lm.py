@@ -158,9 +158,9 @@ class IntegerLM:
                  calibration: Sequence[bytes] | None = None) -> "IntegerLM":
         """Quantise the latest checkpoint of a byte run (calibrated on `calibration` documents,
         by default the built-in training text)."""
-        from hiermodel.cli import _load_run
+        from hiermodel.run import load_params
 
-        config, _, _, params = _load_run(run_dir)
+        config, _, _, params = load_params(run_dir)
         return quantize(params, config, calibration, max_context)
 
 

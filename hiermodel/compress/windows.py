@@ -21,7 +21,7 @@ import numpy as np
 
 from hiermodel.compress import coder
 from hiermodel.compress.predictor import Predictor
-from hiermodel.compress.shards import WindowRecord
+from hiermodel.data.window_records import WindowRecord
 from hiermodel.errors import UserError
 from hiermodel.text.words import BOS_ID
 

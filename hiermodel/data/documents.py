@@ -4,13 +4,8 @@ import dataclasses
 import functools
 import numpy as np
 
-from hiermodel import storage
-from hiermodel.config import Config
-from hiermodel.errors import UserError
 from hiermodel.text.subword import Subword
 from hiermodel.text.words import BOS_ID, END_ID, VOCAB_SIZE, split_words
-
-TOKENIZER_FILE = "tokenizer.json"  # where a subword run keeps its tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,33 +84,3 @@ class SubwordEncoding:
         pieces = self.tokenizer.encode_words(split_words(data, self.max_word_bytes))
         tokens = np.concatenate([[self.bos_id] if first else [], *pieces]).astype(np.int32)
         return Document(tokens, self.token_bytes[tokens], _word_lengths(pieces, first))
-
-
-def tokenizer_path(config: Config) -> str:
-    """The run's own copy of its tokenizer once it has one, else that of the run it continues
-    (`init_from`: continued pretraining keeps the original tokenizer), else `model.tokenizer`."""
-    for run_dir in (config.run_dir, config.init_from):
-        if run_dir and (storage.path(run_dir) / TOKENIZER_FILE).exists():
-            return str(storage.path(run_dir) / TOKENIZER_FILE)
-    return config.model.tokenizer
-
-
-def encoding(config: Config):
-    """The kind's documents: ByteEncoding, SubwordEncoding, or for eiw compress.shards.WindowEncoding."""
-    if config.data.end_of_text and config.model.kind not in ("hat", "byte"):
-        raise UserError(f"data.end_of_text needs a byte-level model (hat or byte), not model.kind="
-                        f"{config.model.kind}: it has no end-of-text id")
-    if config.model.kind == "eiw":
-        from hiermodel.compress.shards import WindowEncoding
-
-        return WindowEncoding(config.model.window_bits, config.model.window_token_bits)
-    if config.model.kind != "subword":
-        return ByteEncoding(config.data.max_word_bytes, config.data.end_of_text)
-    if not config.model.tokenizer:
-        raise UserError("model.kind=subword needs model.tokenizer: a file made by tools/train_tokenizer.py")
-    path = tokenizer_path(config)
-    tokenizer = Subword.load(path)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
-                        f"{config.model.vocab_size}")
-    return SubwordEncoding(tokenizer, config.data.max_word_bytes)

@@ -2,16 +2,24 @@
 
 A record is a small header (magic, format version, window bits W, window count) followed by the
 window codewords (uint32) and the raw bytes each window covers (uint16), little-endian. M2 reads
-the records as documents (WindowEncoding); decompression reads them back with M1.
+the records as documents (WindowEncoding); decompression reads them back with M1. A shard
+directory's summary.json (written by hiermodel compress) names the M1 that coded it.
 """
 
 import dataclasses
+import json
+import os
 import struct
+from typing import Sequence
 
 import numpy as np
 
+from hiermodel import storage
 from hiermodel.data.documents import Document
+from hiermodel.data.sources import expand
 from hiermodel.errors import UserError
+
+SUMMARY_FILE = "summary.json"
 
 MAGIC = b"EIW"
 VERSION = 1
@@ -94,3 +102,29 @@ class WindowEncoding:
         token_bytes[::per_window] = record.window_bytes
         return Document(np.concatenate([[self.bos_id], tokens]).astype(np.int32),
                         np.concatenate([[0], token_bytes]).astype(np.int32), np.ones(len(tokens) + 1, np.int32))
+
+
+def read_summary(shard_dir: str) -> dict:
+    path = storage.path(shard_dir) / SUMMARY_FILE
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"{shard_dir}: not a window shard directory (no {SUMMARY_FILE}; made by hiermodel compress)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def shard_summaries(specs: Sequence[str]) -> list[dict]:
+    """The summaries of the shard directories that hold the files `specs` name (data.train)."""
+    directories = sorted({os.path.dirname(path) or "." for spec in specs for path in expand(spec)})
+    return [read_summary(directory) | {"directory": directory} for directory in directories]
+
+
+def m1_flops_per_byte(summaries: list[dict]) -> float:
+    """M1's FLOPs per raw byte in compressing these shard directories, weighted by their bytes."""
+    missing = [s["directory"] for s in summaries if "m1_flops_per_byte" not in s]
+    if missing:
+        raise UserError(f"{missing[0]}/{SUMMARY_FILE}: no m1_flops_per_byte (compressed by an older hiermodel); "
+                        f"compress it again")
+    total = sum(s["bytes_in"] for s in summaries)
+    return sum(s["m1_flops_per_byte"] * s["bytes_in"] for s in summaries) / max(total, 1)

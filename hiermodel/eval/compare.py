@@ -17,17 +17,16 @@ import jax
 
 from hiermodel import config as config_lib
 from hiermodel.config import Config
-from hiermodel.data.documents import encoding
 from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
+from hiermodel.run import compression_flops_per_byte, encoding, open_latest
 from hiermodel.eval.perturb import Perturbation, PerturbedSource
 from hiermodel.eval.score import make_score_fn, score_source
 from hiermodel.models.registry import forward_flops, train_flops
 from hiermodel.text import subword
 from hiermodel.train import state as state_lib
-from hiermodel.train.checkpoint import open_run
-from hiermodel.train.loop import compression_flops_per_byte, train
+from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
 from hiermodel.train.sharding import make_mesh
 
@@ -93,7 +92,7 @@ def plan(model_configs: list[str], overrides: list[str], output: Path, budget_fl
 
 
 def _score_final(config: Config, perturbations: list[Perturbation], seed: int) -> dict:
-    checkpointer, step, _ = open_run(config.run_dir)
+    checkpointer, step, _ = open_latest(config.run_dir)
     mesh = make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1))
     with jax.set_mesh(mesh):
         graphdef, abstract = state_lib.abstract_params(config, mesh)

@@ -316,11 +316,12 @@ def generate_windows(graphdef, params, encoding, predictor, prompts: list[bytes]
     """Continue each prompt with an eiw model: M1 (`predictor`) codes the prompt into windows, M2
     samples window tokens, and M1 decodes each window as soon as its tokens are complete. A row
     stops after max_bytes bytes, or after max_bytes windows if too many are undecodable."""
-    from hiermodel.compress import shards, windows
+    from hiermodel.compress import windows
+    from hiermodel.data import window_records
 
     bits, per_window = encoding.window_bits, encoding.window_bits // encoding.token_bits
     records = windows.encode_documents(predictor, prompts, bits, segment_bytes=None)
-    histories = [list(encoding.document(shards.pack(record)).tokens) for record in records]
+    histories = [list(encoding.document(window_records.pack(record)).tokens) for record in records]
     # After a full cache, keep the latest whole windows that fill half a row, so restarts are rare.
     keep = max(per_window, data.row_tokens // 2 // per_window * per_window)
     rows = _Cached(graphdef, params, lambda history: np.array(history[-keep - (len(history) - 1) % per_window:],
@@ -338,7 +339,7 @@ def generate_windows(graphdef, params, encoding, predictor, prompts: list[bytes]
             tokens[r] = sample(logits_BxV[r], allowed[:logits_BxV.shape[1]], rngs[r], sampling)
             histories[r].append(int(tokens[r]))
         complete = [r for r in np.flatnonzero(active) if (len(histories[r]) - 1) % per_window == 0]
-        codewords = [shards.tokens_to_windows(np.array(histories[r][-per_window:]), bits, encoding.token_bits)
+        codewords = [window_records.tokens_to_windows(np.array(histories[r][-per_window:]), bits, encoding.token_bits)
                      for r in complete]
         # Decoded in batches of every row, so that one compiled M1 step serves each call.
         for r, codeword, decoded in zip(complete, codewords,

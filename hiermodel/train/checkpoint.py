@@ -4,15 +4,12 @@ Layout: RUN_DIR/checkpoints/STEP/{state,data,config}. Saves are asynchronous; a 
 directory appears only once complete, so a crash mid-save leaves the previous ones intact.
 """
 
-import json
-
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 from hiermodel import storage
-from hiermodel.errors import UserError
 
 
 def _restore_args(abstract_tree, partial: bool = False) -> ocp.args.PyTreeRestore:
@@ -68,22 +65,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def open_run(run_dir: str) -> tuple[Checkpointer, int, dict]:
-    """(checkpointer, latest step, resolved config) of a finished or running run, or a clear error."""
-    path = storage.path(run_dir)
-    if not path.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    if not checkpoint_dir(run_dir).is_dir():
-        raise UserError(f"{run_dir}: not a hiermodel run (no checkpoints/ directory)")
-    checkpointer = Checkpointer(run_dir, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
-    config_file = checkpoint_dir(run_dir) / str(step) / "config" / "metadata"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{run_dir}: checkpoint {step} has no readable config; is it a hiermodel run?") from None
-    return checkpointer, step, config

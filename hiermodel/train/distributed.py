@@ -1,8 +1,10 @@
-"""Joining a multi-process job before JAX touches a device."""
+"""Joining a multi-process job before JAX touches a device, and agreeing on things once joined."""
 
 import os
+import uuid
 
 import jax
+from etils import epath
 
 from hiermodel.config import DistributedConfig
 from hiermodel.errors import UserError
@@ -34,9 +36,52 @@ def initialize(config: DistributedConfig) -> None:
     jax.distributed.initialize(**arguments)
 
 
+def _client():
+    from jax._src import distributed as jax_distributed  # the client jax.distributed started
+
+    return jax_distributed.global_state.client
+
+
 def barrier(name: str, timeout_s: int = 3600) -> None:
     """Every process waits here: the coordination service's barrier, not a device collective."""
     if jax.process_count() > 1:
-        from jax._src import distributed as jax_distributed  # the client jax.distributed started
+        _client().wait_at_barrier(name, timeout_s * 1000)
 
-        jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+def from_process_zero(key: str, value: str, timeout_s: int = 3600) -> str:
+    """Process 0's `value` on every process (through the coordination service's key-value store;
+    `key` must be new each time)."""
+    if jax.process_count() == 1:
+        return value
+    if jax.process_index() == 0:
+        _client().key_value_set(f"hiermodel/{key}", value)
+        return value
+    return _client().blocking_key_value_get(f"hiermodel/{key}", timeout_s * 1000)
+
+
+def check_shared(run_dir: epath.Path) -> None:
+    """A UserError on every process unless all of them see the files process 0 writes in run_dir:
+    on a pod, a path on each host's own disk would give each host its own checkpoints."""
+    if jax.process_count() == 1:
+        return
+    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # the folders process 0 will make
+    token = from_process_zero("shared-check", uuid.uuid4().hex if jax.process_index() == 0 else "")
+    marker = run_dir / f".shared-check-{token}"
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    barrier("hiermodel: shared-check marker written")
+    seen = marker.exists() and marker.read_text() == token
+    _client().key_value_set(f"hiermodel/shared-check/{jax.process_index()}", "1" if seen else "0")
+    blind = [i for i in range(jax.process_count())
+             if _client().blocking_key_value_get(f"hiermodel/shared-check/{i}", 600_000) != "1"]
+    barrier("hiermodel: shared-check done")
+    if jax.process_index() == 0:
+        marker.unlink()
+        if blind:
+            for folder in created:  # deepest first; nothing else is in them
+                folder.rmdir()
+    if blind:
+        raise UserError(f"run_dir={run_dir}: processes {', '.join(map(str, blind))} of {jax.process_count()} do not "
+                        f"see what process 0 writes there; every process must share the run directory: use "
+                        f"gs://BUCKET/PATH or a shared filesystem, not a path on each host's own disk")

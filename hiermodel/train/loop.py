@@ -1,13 +1,13 @@
 """The training loop: data, state, jit'd step, logging, evaluation, checkpoints, signals."""
 
 import dataclasses
-import functools
 import math
-import signal
+import os
+import statistics
+import tempfile
 import time
 
 import jax
-import numpy as np
 import yaml
 
 from hiermodel import storage
@@ -16,13 +16,15 @@ from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
 from hiermodel.eval.score import make_score_fn, score_source
-from hiermodel.data.documents import TOKENIZER_FILE, encoding
-from hiermodel.models.registry import check_kind, train_flops
+from hiermodel.models.registry import check_kind, model_flops, train_flops
+from hiermodel.run import TOKENIZER_FILE, compression_flops_per_byte, encoding, open_latest
+from hiermodel.train import hardware
 from hiermodel.train import state as state_lib
 from hiermodel.train.aot import batch_shapes
-from hiermodel.train.checkpoint import Checkpointer, open_run
-from hiermodel.train.distributed import barrier
-from hiermodel.train.metrics import MetricsWriter
+from hiermodel.train.checkpoint import Checkpointer
+from hiermodel.train.distributed import barrier, check_shared, from_process_zero
+from hiermodel.train.metrics import MetricsWriter, read_metrics
+from hiermodel.train.preemption import StopRequest
 from hiermodel.train.sharding import batch_sharding, make_mesh, to_global
 from hiermodel.train.step import jit_train_step, optimizer, schedule
 
@@ -31,31 +33,24 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
-# Dense bf16 peak per chip, for MFU.
-PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v6": 918e12, "v5p": 459e12,
-              "v5": 197e12, "v4": 275e12}
+def mesh_peak_flops(config: Config, mesh) -> tuple[float | None, str]:
+    """(peak FLOP/s of the whole mesh or None if unknown, where the per-device figure comes from)."""
+    device = mesh.devices.flat[0]
+    per_device, source = hardware.peak_flops_per_device(device.device_kind, device.platform, config.train.peak_flops)
+    return (None if per_device is None else per_device * mesh.size), source
 
 
-def peak_flops_per_device(config: Config) -> float:
-    if config.train.peak_flops > 0:
-        return config.train.peak_flops
-    kind = jax.devices()[0].device_kind.lower()
-    for name, flops in PEAK_FLOPS.items():
-        if name in kind:
-            return flops
-    return measured_matmul_flops() / len(jax.local_devices())
-
-
-@functools.lru_cache(maxsize=1)
-def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """What this host's JAX reaches on a float32 matmul (the peak quoted for CPU MFU)."""
-    a = jax.device_put(np.ones((size, size), np.float32), jax.local_devices()[0])
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        matmul(a).block_until_ready()
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """train.profile_steps=START:END as (START, END), steps counted from 1; None when empty."""
+    if not spec:
+        return None
+    try:
+        first, last = (int(part) for part in spec.split(":"))
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last:
+        raise UserError(f"train.profile_steps={spec!r}: give START:END, steps with 1 <= START <= END (e.g. 10:15)")
+    return first, last
 
 
 def _ungated(model: ModelConfig, gate: GateConfig) -> ModelConfig:
@@ -63,19 +58,6 @@ def _ungated(model: ModelConfig, gate: GateConfig) -> ModelConfig:
     what a continued run must equal, so that it may add a gate (MrT5's setting: gating a trained
     model) or set an absent gate's fields."""
     return model if model.gate.layer else dataclasses.replace(model, gate=gate)
-
-
-def compression_flops_per_byte(config: Config) -> float:
-    """M1's FLOPs per raw byte for an eiw model (from its shards' summaries; counted in its
-    flops_per_byte, as the paper counts them), 0 for the other kinds. An eiw run that names its
-    M1 must be trained on windows that M1 made."""
-    if config.model.kind != "eiw":
-        return 0.0
-    from hiermodel.compress import files
-
-    if config.model.m1:
-        files.check_shards_m1(config.data.train, config.model.m1)
-    return files.m1_flops_per_byte(config.data.train)
 
 
 def validate(config: Config, mesh) -> None:
@@ -98,31 +80,19 @@ def validate(config: Config, mesh) -> None:
         raise UserError(f"model.compute_dtype={config.model.compute_dtype!r}: use float32 or bfloat16")
     if t.schedule not in ("cosine", "wsd"):
         raise UserError(f"train.schedule={t.schedule!r}: use cosine or wsd")
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT ask the loop to checkpoint and stop after the current step."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def restore(self):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+    if t.checkpoint_minutes < 0:
+        raise UserError(f"train.checkpoint_minutes={t.checkpoint_minutes} must be 0 (off) or positive")
+    profile_range(t.profile_steps)
 
 
 def train(config: Config, devices=None) -> dict:
     """Train (or resume) the run in config.run_dir on `devices` (default: all); returns the last
     logged metrics."""
+    started = time.monotonic()
     mesh = make_mesh(config.mesh, devices)
     validate(config, mesh)
     run_dir = storage.path(config.run_dir)
+    check_shared(run_dir)
     writer = MetricsWriter(run_dir, config.train.steps)
     data = config.data
     encoder = encoding(config)
@@ -133,17 +103,23 @@ def train(config: Config, devices=None) -> dict:
                                        jax.process_index(), jax.process_count()))
     tx = optimizer(config.train, config.model.gate)
     lr_at = schedule(config.train)
-    peak = peak_flops_per_device(config) * mesh.size
+    peak, peak_source = mesh_peak_flops(config, mesh)
     m1_per_byte = compression_flops_per_byte(config)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
         checkpointer = Checkpointer(run_dir, config.train.keep_checkpoints)
         resume_step = checkpointer.latest_step()
+        earlier = {}
         if resume_step is not None:
             writer.info(f"resuming {run_dir} from step {resume_step}")
             state = checkpointer.restore(resume_step, layout.abstract, data_iterator)
+            if writer.enabled and (run_dir / "metrics.jsonl").exists():
+                logged = read_metrics(run_dir)
+                # Time spent after the checkpoint was lost work: wall time, not productive time.
+                earlier = {"wall_s": max((m.get("wall_s", 0.0) for m in logged.values()), default=0.0),
+                           "productive_s": logged.get(resume_step, {}).get("productive_s", 0.0)}
         elif config.init_from:
-            source_run, source_step, source_config = open_run(config.init_from)
+            source_run, source_step, source_config = open_latest(config.init_from)
             source_model = from_dict(source_config).model
             adds_gate = bool(config.model.gate.layer) and not source_model.gate.layer
             if _ungated(source_model, config.model.gate) != config.model:
@@ -163,7 +139,8 @@ def train(config: Config, devices=None) -> dict:
             if config.model.kind == "subword" and not (run_dir / TOKENIZER_FILE).exists():
                 encoder.tokenizer.save(run_dir / TOKENIZER_FILE)
         writer.info(f"{state_lib.num_params(config):,} parameters; mesh {dict(mesh.shape)}; "
-                    f"{jax.device_count()} {jax.devices()[0].platform} devices")
+                    f"{jax.device_count()} {jax.devices()[0].platform} devices; MFU against "
+                    + (f"{peak / mesh.size:.3g} FLOP/s per device ({peak_source})" if peak else peak_source))
 
         step_fn = jit_train_step(layout, tx, config, mesh)
         if jax.process_count() > 1:
@@ -173,9 +150,10 @@ def train(config: Config, devices=None) -> dict:
                                                                   batch_sharding(mesh))).compile()
             barrier("hiermodel: train step compiled")
         score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
+        clock = _Clock(started, earlier, int(state["step"]))
         try:
             return _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer,
-                         writer, lr_at, peak, mesh, m1_per_byte)
+                         writer, lr_at, peak, mesh, m1_per_byte, clock)
         finally:
             checkpointer.wait()
             checkpointer.close()
@@ -183,26 +161,102 @@ def train(config: Config, devices=None) -> dict:
             writer.close()
 
 
+class _Clock:
+    """Where a run's wall time goes: step windows between logs, waiting for data, and the rest
+    (compiles, evaluation, checkpoints, restarts). Dispatch is asynchronous, so a step's time is
+    only known per log window, when the host waits for the metrics."""
+
+    def __init__(self, started: float, earlier: dict, start_step: int):
+        """earlier: the wall and productive seconds of the run's earlier attempts, as logged."""
+        self.started, self.earlier, self.start_step = started, earlier, start_step
+        self.window_seconds_per_step: list[float] = []
+        self.restart()
+
+    def restart(self):
+        self.window_start, self.data_wait = time.monotonic(), 0.0
+
+    def next_batch(self, iterator):
+        waiting = time.monotonic()
+        batch = next(iterator)
+        self.data_wait += time.monotonic() - waiting
+        return batch
+
+    def close_window(self, steps: int) -> dict:
+        elapsed = time.monotonic() - self.window_start
+        self.window_seconds_per_step.append(elapsed / steps)
+        windows = sorted(self.window_seconds_per_step)
+        return {"elapsed": elapsed, "step_s": elapsed / steps, "data_wait": self.data_wait / elapsed,
+                "step_s_p50": statistics.median_low(windows), "step_s_p90": windows[math.ceil(0.9 * len(windows)) - 1]}
+
+    def goodput(self, step: int) -> dict:
+        """Wall seconds of every attempt so far; productive seconds (the steps that survive, at
+        the pace of this attempt's windows after its first, which holds the compile) and their
+        share of the wall time, once this attempt has such windows."""
+        wall = self.earlier.get("wall_s", 0.0) + time.monotonic() - self.started
+        if len(self.window_seconds_per_step) < 2:
+            return {"wall_s": wall}
+        pace = statistics.median_low(self.window_seconds_per_step[1:])
+        productive = self.earlier.get("productive_s", 0.0) + (step - self.start_step) * pace
+        return {"wall_s": wall, "productive_s": productive, "goodput": productive / wall}
+class _Profile:
+    """A jax.profiler trace of steps START..END (train.profile_steps) in RUN_DIR/profile."""
+
+    def __init__(self, spec: str, run_dir):
+        self.steps = profile_range(spec)
+        self.target = run_dir / "profile"
+        self.tracing = None
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            # The profiler writes local files only; a bucket gets them when the trace ends.
+            self.tracing = tempfile.mkdtemp(prefix="hiermodel-profile-") if storage.is_url(self.target) \
+                else str(self.target)
+            jax.profiler.start_trace(self.tracing)
+
+    def after(self, step: int, state) -> None:
+        if self.tracing and step == self.steps[1]:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if not self.tracing:
+            return
+        jax.profiler.stop_trace()
+        if storage.is_url(self.target):
+            for folder, _, names in os.walk(self.tracing):
+                for name in names:
+                    local = os.path.join(folder, name)
+                    storage.upload(local, str(self.target / os.path.relpath(local, self.tracing)))
+        self.tracing = None
+
+
 def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer, writer, lr_at, peak,
-          mesh, m1_per_byte):
+          mesh, m1_per_byte, clock):
     t = config.train
-    step_flops = t.batch_size * train_flops(config.model, config.data.row_tokens, config.data.row_words)
+    shape = (config.model, config.data.row_tokens, config.data.row_words)
+    step_model_flops, step_hardware_flops = t.batch_size * model_flops(*shape), t.batch_size * train_flops(*shape)
     start = int(state["step"])
-    stop = _StopRequest()
+    stop = StopRequest()
+    profile = _Profile(t.profile_steps, storage.path(config.run_dir))
     pending, last_logged, window_bytes, window_words, window_steps = [], {}, 0, 0, 0
-    last_saved = start
-    window_start = time.monotonic()
+    last_saved, last_save_time = start, time.monotonic()
     try:
         for step in range(start, t.steps):
-            local = next(data_iterator)
+            done = step + 1
+            profile.before(done)
+            local = clock.next_batch(data_iterator)
             window_bytes += int(local["token_bytes"].sum()) * jax.process_count()
             window_words += int((local["word_segments"] > 0).sum()) * jax.process_count()
             state, metrics = step_fn(state, to_global(local, mesh))
-            pending.append((step + 1, metrics))
+            profile.after(done, state)
+            pending.append((done, metrics))
             window_steps += 1
-            done = step + 1
-            final = done == t.steps or stop.signal is not None
+            final = stop.reached(done) or done == t.steps
             save = done % t.checkpoint_every == 0 or final
+            if t.checkpoint_minutes and not save and done % t.log_every == 0:
+                # Process 0's clock decides, so that every process saves at the same step.
+                due = time.monotonic() - last_save_time >= 60 * t.checkpoint_minutes
+                save = from_process_zero(f"save-at-{done}", "1" if due else "") == "1"
             if done % t.log_every == 0 or save:
                 fetched = [(s, jax.device_get(m)) for s, m in pending]
                 pending = []
@@ -214,8 +268,8 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                                 if last_saved else "no checkpoint had been saved")
                         raise TrainingDiverged(f"{bad[0]} is {float(m[bad[0]])} at step {s}; "
                                                f"stopped without saving; {kept}")
-                elapsed = time.monotonic() - window_start
-                flops = step_flops * window_steps
+                timing = clock.close_window(window_steps)
+                elapsed = timing.pop("elapsed")
                 # Loss over every target since the last log, not just the last batch's.
                 nats = sum(float(m["nats"]) for _, m in fetched)
                 targets = sum(float(m["targets"]) for _, m in fetched)
@@ -227,9 +281,12 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                     "param_norm": float(m["param_norm"]),
                     "lr": float(lr_at(done - 1)), "bytes_per_s": window_bytes / elapsed,
                     "words_per_s": window_words / elapsed,
-                    "flops_per_byte": flops / max(window_bytes, 1) + m1_per_byte,
-                    "mfu": flops / elapsed / peak, "train_flops": float(step_flops * done),
+                    "flops_per_byte": step_hardware_flops * window_steps / max(window_bytes, 1) + m1_per_byte,
+                    "train_flops": float(step_hardware_flops * done), **timing, **clock.goodput(done),
                 }
+                if peak:
+                    last_logged["mfu"] = step_model_flops * window_steps / elapsed / peak
+                    last_logged["hfu"] = step_hardware_flops * window_steps / elapsed / peak
                 if "alpha" in m:
                     positions = max(sum(float(x["positions"]) for _, x in fetched), 1.0)
                     last_logged.update(
@@ -239,7 +296,7 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                 writer.write(done, last_logged)
                 writer.progress(done, last_logged)
                 window_bytes = window_words = window_steps = 0
-                window_start = time.monotonic()
+                clock.restart()
             if eval_source is not None and (done % t.eval_every == 0 or done == t.steps):
                 result = score_source(score_fn, state["params"], eval_source, encoder.document, config.data,
                                       t.batch_size, mesh, max_rows=t.eval_rows, text=encoder.reads_text)
@@ -251,13 +308,17 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                              prefix="eval")
                 by_language = "".join(f", {name} {entry['bpb']:.4f}" for name, entry in languages.items())
                 writer.info(f"eval step {done}: bpb {result['bpb']:.4f} on {result['bytes']:,} bytes{by_language}")
-                window_start = time.monotonic()
+                clock.restart()
             if save:
                 checkpointer.save(done, state, data_iterator, to_dict(config))
-                last_saved = done
-            if stop.signal is not None:
-                writer.info(f"{stop.signal}: saved checkpoint at step {done}; rerun the same command to resume")
+                last_saved, last_save_time = done, time.monotonic()
+                clock.restart()
+            if stop.signal is not None and final:
+                writer.info(f"{stop.signal}: saved checkpoint at step {done}"
+                            + (" on every process" if stop.shared else "") + "; rerun the same command to resume",
+                            every_process=True)
                 break
     finally:
+        profile.stop()
         stop.restore()
     return last_logged

@@ -56,16 +56,19 @@ class MetricsWriter:
         elapsed = time.monotonic() - self.started
         done = step - self.first_step
         eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+        mfu = format(metrics["mfu"], ".1%") if "mfu" in metrics else "?"
         line = (f"step {step:>6}/{self.total_steps}  loss {metrics['loss']:.4f}  bpb {metrics['bpb']:.3f}  "
-                f"{format_rate(metrics['bytes_per_s'])}B/s  mfu {metrics['mfu']:.1%}  lr {metrics['lr']:.2e}  "
-                f"gnorm {metrics['grad_norm']:.2f}  eta {format_duration(eta) if done else '?'}")
+                f"{format_rate(metrics['bytes_per_s'])}B/s  mfu {mfu}  data wait {metrics['data_wait']:.0%}  "
+                f"lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  eta {format_duration(eta) if done else '?'}")
         if "alpha" in metrics:
             line += f"  deleted {metrics['deletion']:.1%} (soft {metrics['deletion_soft']:.1%})  alpha {metrics['alpha']:.3g}"
         print(line, flush=True)
 
-    def info(self, message: str) -> None:
+    def info(self, message: str, every_process: bool = False) -> None:
         if self.enabled:
             print(message, file=sys.stderr, flush=True)
+        elif every_process:
+            print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled:
