@@ -2,6 +2,10 @@
 
 import importlib.util
 import math
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from hiermodel.train import state as state_lib
 from hiermodel.train.aot import batch_shapes, compile_report, target_devices
 from hiermodel.train.sharding import batch_sharding, make_mesh
 from hiermodel.train.step import optimizer
-from tests.conftest import micro_config
+from tests.conftest import MICRO, REPO, micro_config
 
 
 def per_device_bytes(tree) -> int:
@@ -59,3 +63,15 @@ def test_unknown_targets_are_named():
         target_devices("v9z-8")
     with pytest.raises(UserError, match="cpu:64: this process has 8 CPU devices"):
         target_devices("cpu:64")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_the_pod_launchers_libtpu_flags_are_all_known_to_libtpu():
+    """libtpu aborts on a flag it does not know: launch/tpu_pod.sh's must compile a step."""
+    flags = re.search(r'^LIBTPU_INIT_ARGS="(.*)"$', (REPO / "launch" / "tpu_pod.sh").read_text(), re.M).group(1)
+    assert "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true" in flags
+    result = subprocess.run([sys.executable, "tools/aot_compile.py", str(MICRO), "--target", "v5p-8", "mesh.data=1",
+                             "mesh.fsdp=-1", "train.batch_size=8"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "LIBTPU_INIT_ARGS": flags}, timeout=600)
+    assert result.returncode == 0 and "Unknown command line flag" not in result.stderr, result.stderr
+    assert "v5p-8: 4 x TPU v5" in result.stdout and "(fits;" in result.stdout
