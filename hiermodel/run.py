@@ -25,23 +25,32 @@ TOKENIZER_FILE = "tokenizer.json"
 INTEGER_M1_FILE = "m1_integer.npz"  # written by the first compression with this run as M1
 
 
+def latest_config(run_dir: str) -> tuple[int, dict] | None:
+    """(step, resolved config) of a run's latest complete checkpoint; None if it has none yet."""
+    if not checkpoint_dir(run_dir).is_dir():
+        return None
+    checkpointer = Checkpointer(run_dir, read_only=True)
+    step = checkpointer.latest_step()
+    checkpointer.close()
+    if step is None:
+        return None
+    config_file = checkpoint_dir(run_dir) / str(step) / "config" / "metadata"
+    try:
+        return step, json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{run_dir}: checkpoint {step} has no readable config; is it a hiermodel run?") from None
+
+
 def open_latest(run_dir: str) -> tuple[Checkpointer, int, dict]:
     """(read-only checkpointer, latest step, resolved config) of a finished or running run."""
-    path = storage.path(run_dir)
-    if not path.is_dir():
+    if not storage.path(run_dir).is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     if not checkpoint_dir(run_dir).is_dir():
         raise UserError(f"{run_dir}: not a hiermodel run (no checkpoints/ directory)")
-    checkpointer = Checkpointer(run_dir, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
+    latest = latest_config(run_dir)
+    if latest is None:
         raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
-    config_file = checkpoint_dir(run_dir) / str(step) / "config" / "metadata"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{run_dir}: checkpoint {step} has no readable config; is it a hiermodel run?") from None
-    return checkpointer, step, config
+    return Checkpointer(run_dir, read_only=True), *latest
 
 
 def load_params(run_dir: str):

@@ -17,7 +17,7 @@ from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
 from hiermodel.eval.score import make_score_fn, score_source
 from hiermodel.models.registry import check_kind, model_flops, train_flops
-from hiermodel.run import TOKENIZER_FILE, compression_flops_per_byte, encoding, open_latest
+from hiermodel.run import TOKENIZER_FILE, compression_flops_per_byte, encoding, latest_config, open_latest
 from hiermodel.train import hardware
 from hiermodel.train import state as state_lib
 from hiermodel.train.aot import batch_shapes
@@ -85,32 +85,79 @@ def validate(config: Config, mesh) -> None:
     profile_range(t.profile_steps)
 
 
+def _differences(there: dict, here: dict, prefix: str) -> list[str]:
+    """'key=A there, B here' for each key whose values differ (nested sections flattened)."""
+    found = []
+    for key in sorted(set(there) | set(here)):
+        a, b = there.get(key), here.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}={a!r} there, {b!r} here")
+    return found
+
+
+def _check_resume(config: Config, step: int, saved: dict) -> None:
+    """A run resumes only as what it was: the same model, and the same data stream (its
+    checkpoint holds a position in that stream)."""
+    saved = to_dict(from_dict(saved, f"{config.run_dir} checkpoint {step} config"))
+    here = to_dict(config)
+    model = _differences(saved["model"], here["model"], "model.")
+    if model:
+        raise UserError(f"run_dir={config.run_dir} holds a checkpoint (step {step}) of another model "
+                        f"({'; '.join(model[:3])}): choose a new run_dir (init_from={config.run_dir} starts from its "
+                        f"weights), or the same model settings to resume")
+    stream = lambda c: {"data": {k: v for k, v in c["data"].items() if k != "eval"}, "seed": c["seed"],
+                        "train": {"batch_size": c["train"]["batch_size"]}}
+    data = _differences(stream(saved), stream(here), "")
+    if data:
+        raise UserError(f"run_dir={config.run_dir} was trained on another data stream ({'; '.join(data[:3])}): its "
+                        f"checkpoint's place in that stream means nothing in this one; resume with the same values, "
+                        f"or start a new run_dir with init_from={config.run_dir}")
+
+
+def _check_init_from(config: Config) -> tuple:
+    """(read-only checkpointer, step, whether this run adds a delete gate) of init_from."""
+    source_run, source_step, source_config = open_latest(config.init_from)
+    source_model = from_dict(source_config).model
+    if _ungated(source_model, config.model.gate) != config.model:
+        source_run.close()
+        raise UserError(f"init_from={config.init_from}: its model config differs from this run's (a delete "
+                        f"gate, model.gate, is the one thing a continued run may add)")
+    return source_run, source_step, bool(config.model.gate.layer) and not source_model.gate.layer
+
+
 def train(config: Config, devices=None) -> dict:
     """Train (or resume) the run in config.run_dir on `devices` (default: all); returns the last
-    logged metrics."""
+    logged metrics. Everything that can be wrong with the config, the data or the run directory
+    is found before anything is compiled or written."""
     started = time.monotonic()
     mesh = make_mesh(config.mesh, devices)
     validate(config, mesh)
     run_dir = storage.path(config.run_dir)
     check_shared(run_dir)
-    writer = MetricsWriter(run_dir, config.train.steps)
+    latest = latest_config(config.run_dir)
+    if latest is not None:
+        _check_resume(config, *latest)
+    initial = _check_init_from(config) if latest is None and config.init_from else None
     data = config.data
     encoder = encoding(config)
     source = open_train(data, encoder.reads_text)
     eval_source = open_split(data, "eval", text=encoder.reads_text) if data.eval else None
     local_batch = config.train.batch_size // jax.process_count()
+    m1_per_byte = compression_flops_per_byte(config)
     data_iterator = iter(train_dataset(data, source, encoder.document, config.seed, local_batch,
                                        jax.process_index(), jax.process_count()))
+    writer = MetricsWriter(run_dir, config.train.steps)
     tx = optimizer(config.train, config.model.gate)
     lr_at = schedule(config.train)
     peak, peak_source = mesh_peak_flops(config, mesh)
-    m1_per_byte = compression_flops_per_byte(config)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
         checkpointer = Checkpointer(run_dir, config.train.keep_checkpoints)
-        resume_step = checkpointer.latest_step()
         earlier = {}
-        if resume_step is not None:
+        if latest is not None:
+            resume_step = latest[0]
             writer.info(f"resuming {run_dir} from step {resume_step}")
             state = checkpointer.restore(resume_step, layout.abstract, data_iterator)
             if writer.enabled and (run_dir / "metrics.jsonl").exists():
@@ -118,13 +165,8 @@ def train(config: Config, devices=None) -> dict:
                 # Time spent after the checkpoint was lost work: wall time, not productive time.
                 earlier = {"wall_s": max((m.get("wall_s", 0.0) for m in logged.values()), default=0.0),
                            "productive_s": logged.get(resume_step, {}).get("productive_s", 0.0)}
-        elif config.init_from:
-            source_run, source_step, source_config = open_latest(config.init_from)
-            source_model = from_dict(source_config).model
-            adds_gate = bool(config.model.gate.layer) and not source_model.gate.layer
-            if _ungated(source_model, config.model.gate) != config.model:
-                raise UserError(f"init_from={config.init_from}: its model config differs from this run's (a delete "
-                                f"gate, model.gate, is the one thing a continued run may add)")
+        elif initial is not None:
+            source_run, source_step, adds_gate = initial
             writer.info(f"initialising weights from {config.init_from} step {source_step}"
                         + ("; the delete gate starts fresh" if adds_gate else ""))
             wanted = {k: v for k, v in layout.abstract["params"].items() if not (adds_gate and k == "gate")}

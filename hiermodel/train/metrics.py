@@ -27,18 +27,24 @@ def format_rate(per_second: float) -> str:
 class MetricsWriter:
     def __init__(self, run_dir: str, total_steps: int):
         self.enabled = jax.process_index() == 0
+        self.run_dir = storage.path(run_dir)
         self.total_steps = total_steps
         self.started = time.monotonic()
         self.first_step: int | None = None
-        if self.enabled:
-            storage.path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = storage.LineLog(storage.path(run_dir) / "metrics.jsonl")
-            from tensorboardX import SummaryWriter  # writes gs:// itself, through google-cloud-storage
-            self.tensorboard = SummaryWriter(str(storage.path(run_dir) / "tensorboard"))
+        self.jsonl = self.tensorboard = None
+
+    def _open(self) -> None:
+        """On the first record, so that a run that fails before it leaves no empty files behind."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = storage.LineLog(self.run_dir / "metrics.jsonl")
+        from tensorboardX import SummaryWriter  # writes gs:// itself, through google-cloud-storage
+        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self._open()
         record = {"step": step, "kind": prefix, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -71,7 +77,7 @@ class MetricsWriter:
             print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.jsonl is not None:
             self.jsonl.close()
             self.tensorboard.close()
 
