@@ -1,4 +1,4 @@
-"""hiermodel train | eval | generate | compare | compress | decompress | info."""
+"""hiermodel train | eval | generate | compare | compress | decompress | info | config."""
 
 import argparse
 import json
@@ -146,6 +146,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    import yaml
+
+    from hiermodel import config as config_lib
+
+    config = config_lib.load(args.config, args.overrides)
+    print(f"# {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else "") + ": every key, resolved")
+    print(yaml.safe_dump(config_lib.to_dict(config), sort_keys=False), end="")
+    return 0
+
+
 def cmd_info(args) -> int:
     from hiermodel import config as config_lib
     from hiermodel.models.registry import check_kind, forward_flops, train_flops
@@ -199,24 +210,39 @@ def cmd_decompress(args) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hiermodel", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth showing."""
 
-    train = sub.add_parser("train", help="train or resume a run")
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    from hiermodel import __version__
+
+    p = argparse.ArgumentParser(prog="hiermodel", description=__doc__)
+    p.add_argument("--version", action="version", version=f"hiermodel {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    command = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)
+
+    train = command("train", help="train or resume a run",
+                    description="Train a run, or resume it from its latest checkpoint in run_dir. Every config key "
+                                "and its value: hiermodel config CONFIG; what each means: hiermodel/config.py.")
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 run_dir=runs/x")
     train.set_defaults(run=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="bits per byte of a checkpoint on text")
+    evaluate = command("eval", help="bits per byte of a checkpoint on text")
     evaluate.add_argument("--checkpoint", required=True, help="run directory")
     evaluate.add_argument("--data", required=True, nargs="+", help="files, directories, globs, JSONL")
     evaluate.add_argument("--output-json", help="write the results here")
-    evaluate.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: 8)")
+    evaluate.add_argument("--batch-size", type=int, default=0, help="rows per batch; 0: 8 or the device count if larger")
     evaluate.add_argument("--perturb", action="append", default=[], metavar="KIND:RATE",
                           help="also score seeded noisy text (swap, drop, insert, case, whitespace; "
                                "repeatable), in bits per clean byte")
-    evaluate.add_argument("--perturb-seed", type=int, default=0)
+    evaluate.add_argument("--perturb-seed", type=int, default=0, help="seed of the --perturb noise")
     evaluate.add_argument("--deletion", choices=("hard", "soft"), default="hard",
                           help="a gated model: drop deleted positions (inference) or weight them (training)")
     evaluate.add_argument("--language-pattern",
@@ -228,20 +254,21 @@ def parser() -> argparse.ArgumentParser:
                           help="score only the documents the run's data.holdout kept out of training")
     evaluate.set_defaults(run=cmd_eval)
 
-    gen = sub.add_parser("generate", help="sample a continuation of a prompt")
+    gen = command("generate", help="sample a continuation of a prompt")
     gen.add_argument("--checkpoint", required=True, help="run directory")
     gen.add_argument("--prompt", required=True, action="append",
                      help="repeat for several prompts, sampled together as a batch (row r with seed + r)")
     gen.add_argument("--no-cache", action="store_true",
                      help="re-run the model on the whole context for every token instead of using caches")
-    gen.add_argument("--max-bytes", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--max-bytes", type=int, default=200, help="bytes to sample after each prompt")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: always the likeliest token")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: all)")
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=0.95, help="sample among the likeliest tokens that make up this "
+                     "much probability")
+    gen.add_argument("--seed", type=int, default=0, help="seed of row 0; row r uses seed + r")
     gen.set_defaults(run=cmd_generate)
 
-    comp = sub.add_parser("compare", help="train several configs at a matched budget and tabulate bits per byte")
+    comp = command("compare", help="train several configs at a matched budget and tabulate bits per byte")
     comp.add_argument("--models", nargs="+", required=True, help="model configs, e.g. configs/tiny.yaml "
                       "configs/tiny_byte.yaml configs/tiny_subword.yaml")
     comp.add_argument("overrides", nargs="*", help="key=value applied to every model, e.g. data.train=DIR")
@@ -251,37 +278,42 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--curve-points", type=int, default=4, help="evaluations along each run, for the plot")
     comp.add_argument("--perturb", action="append", default=[], metavar="KIND:RATE",
                       help="also report each model's degradation under this noise (repeatable)")
-    comp.add_argument("--perturb-seed", type=int, default=0)
+    comp.add_argument("--perturb-seed", type=int, default=0, help="seed of the --perturb noise")
     comp.set_defaults(run=cmd_compare)
 
-    packer = sub.add_parser("compress", help="code documents into Equal-Info-Window shards with an M1 byte model")
+    packer = command("compress", help="code documents into Equal-Info-Window shards with an M1 byte model")
     packer.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, globs, JSONL")
     packer.add_argument("--m1", required=True, help="run directory of a byte model (model.kind=byte)")
     packer.add_argument("--output", required=True, help="directory for the shards and summary.json")
     packer.add_argument("--window-bits", type=int, default=16, help="bits per window, 16 to 32")
-    packer.add_argument("--shards", type=int, default=1)
+    packer.add_argument("--shards", type=int, default=1, help="ArrayRecord files to spread the documents over")
     packer.add_argument("--batch-size", type=int, default=512, help="rows coded at once")
     packer.add_argument("--segment-bytes", type=int, default=512,
                         help="documents are coded in independent pieces of at most this many bytes")
     packer.add_argument("--separator", default="", help="split text files into documents on this string")
-    packer.add_argument("--jsonl-field", default="text")
+    packer.add_argument("--jsonl-field", default="text", help="JSONL inputs: the field that holds the text")
     packer.add_argument("--chunk-bytes", type=int, default=0, help="cut documents at line ends into pieces of at most this")
     packer.add_argument("--holdout", type=float, default=0.0, help="as data.holdout: the share held out by content hash")
     packer.add_argument("--split", choices=("all", "train", "eval"), default="all",
                         help="with --holdout, compress only that side (the same documents as a run's data split)")
     packer.set_defaults(run=cmd_compress)
 
-    decomp = sub.add_parser("decompress", help="restore the bytes of Equal-Info-Window shards exactly")
+    decomp = command("decompress", help="restore the bytes of Equal-Info-Window shards exactly")
     decomp.add_argument("input", metavar="DIR", help="a directory written by hiermodel compress")
     decomp.add_argument("--m1", required=True, help="the M1 run directory that compressed it")
     decomp.add_argument("--output", required=True, help="file for the documents' bytes, in order")
-    decomp.add_argument("--batch-size", type=int, default=512)
+    decomp.add_argument("--batch-size", type=int, default=512, help="rows decoded at once")
     decomp.set_defaults(run=cmd_decompress)
 
-    info = sub.add_parser("info", help="build a config's model abstractly and count its parameters")
-    info.add_argument("config")
-    info.add_argument("overrides", nargs="*")
+    info = command("info", help="build a config's model abstractly and count its parameters and FLOPs")
+    info.add_argument("config", help="YAML config")
+    info.add_argument("overrides", nargs="*", help="key=value")
     info.set_defaults(run=cmd_info)
+
+    show = command("config", help="print a config with every key resolved (defaults, base files, overrides)")
+    show.add_argument("config", help="YAML config")
+    show.add_argument("overrides", nargs="*", help="key=value")
+    show.set_defaults(run=cmd_config)
     return p
 
 
