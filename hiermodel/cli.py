@@ -28,10 +28,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import jax
 
-    from hiermodel.run import encoding, load_params
     from hiermodel.data.sources import DocumentSource, open_split
     from hiermodel.eval.perturb import Perturbation, PerturbedSource
     from hiermodel.eval.score import LANGUAGE, make_score_fn, score_source
+    from hiermodel.run import encoding, load_params
 
     perturbations = [Perturbation.parse(spec) for spec in args.perturb]
     config, mesh, graphdef, params = load_params(args.checkpoint)
@@ -83,8 +83,9 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import jax
 
-    from hiermodel.run import encoding, load_params
     from hiermodel.eval.generate import Sampling, generate
+    from hiermodel.progress import Progress
+    from hiermodel.run import encoding, load_params
 
     if args.max_bytes < 1:
         raise UserError("--max-bytes must be at least 1")
@@ -105,7 +106,13 @@ def cmd_generate(args) -> int:
     if len(prompts) == 1:
         out.write(prompts[0])
         out.flush()
-    on_bytes = show if len(prompts) == 1 else None
+        on_bytes = show
+    else:  # several prompts print when all are done; meanwhile a bar counts their bytes
+        meter, sampled = Progress(args.max_bytes * len(prompts), "sampled"), [0]
+
+        def on_bytes(row: int, piece: bytes):
+            sampled[0] += len(piece)
+            meter(sampled[0])
     with jax.set_mesh(mesh):
         if config.model.kind == "eiw":
             texts = _generate_windows(args, config, graphdef, params, encoder, prompts, sampling, on_bytes)
@@ -113,6 +120,7 @@ def cmd_generate(args) -> int:
             texts = generate(graphdef, params, encoder, prompts, args.max_bytes, config.data,
                              config.model.compute_dtype, sampling, on_bytes=on_bytes, cached=not args.no_cache)
     if len(prompts) > 1:
+        meter.close()
         out.write(b"\n\n".join(prompt + text for prompt, text in zip(prompts, texts)))
     out.write(b"\n")
     return 0

@@ -49,7 +49,7 @@ def test_two_processes_of_four_devices_train_exactly_like_one_of_eight(tmp_path)
                           *[f"{k}={v}" for k, v in SAME_RUN.items()]],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stdout + job.stderr + (tmp_path / "logs" / "process-1.log").read_text()
-    assert "mesh {'data': 8" in job.stderr and "8 cpu devices" in job.stderr and "bpb" in job.stdout
+    assert "mesh {'data': 8" in job.stdout and "8 cpu devices" in job.stdout and "bpb" in job.stdout
     assert "bpb" not in (tmp_path / "logs" / "process-1.log").read_text()  # progress is printed once
 
     multi = micro_config(run_dir=tmp_path / "multi", **SAME_RUN)
@@ -80,14 +80,15 @@ def saved_steps(run_dir) -> list[int]:
 def run_job(tmp_path, run_dir, overrides, signal_to=None, when=None):
     """launch/multiprocess.sh 2 on the run; with signal_to, SIGTERM that process (0 or 1) once
     process 0 prints the progress line of a step after the resumed one for which when(step) holds.
-    Returns (exit code, process 0's stderr, process 1's log)."""
+    Returns (exit code, process 0's output, process 1's log)."""
     start = saved_steps(run_dir)[-1] if (run_dir / "checkpoints").is_dir() else 0
-    stderr = tmp_path / "process-0.err"
-    with open(stderr, "w") as err:
+    printed = []
+    with open(tmp_path / "process-0.err", "w") as err:
         job = subprocess.Popen([str(REPO / "launch" / "multiprocess.sh"), "2", str(MICRO), f"run_dir={run_dir}",
                                 *[f"{k}={v}" for k, v in overrides.items()]],
                                cwd=REPO, env=job_env(tmp_path), stdout=subprocess.PIPE, stderr=err, text=True)
         for line in job.stdout:
+            printed.append(line)
             match = re.match(r"step\s+(\d+)/", line)
             if signal_to is not None and match and int(match.group(1)) > start + 1 and when(int(match.group(1))):
                 pid = subprocess.run(["pgrep", "-f", f"run_dir={run_dir} .*distributed.process_id={signal_to}$"],
@@ -96,7 +97,8 @@ def run_job(tmp_path, run_dir, overrides, signal_to=None, when=None):
                 os.kill(int(pid[0]), signal.SIGTERM)
                 signal_to = None
         code = job.wait(timeout=600)
-    return code, stderr.read_text(), (tmp_path / "logs" / "process-1.log").read_text()
+    return code, "".join(printed) + (tmp_path / "process-0.err").read_text(), \
+        (tmp_path / "logs" / "process-1.log").read_text()
 
 
 def test_a_signal_to_either_process_saves_one_step_everywhere_and_the_resumed_run_is_unchanged(tmp_path):

@@ -107,7 +107,7 @@ def test_a_run_in_a_bucket_is_killed_resumed_and_evaluated_like_a_local_one(emul
     assert not os.path.exists("gs:") and not os.path.exists(REPO / "gs:")  # never a local "gs:" directory
     resumed = run_cli(*train_args(f"{BUCKET}/data", run, steps), env=emulator)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run} from step" in resumed.stderr
+    assert f"resuming {run} from step" in resumed.stdout
     np.testing.assert_allclose(losses(run), losses(tmp_path / "local"), rtol=1e-6)
     names = {p.name for p in storage.path(run).iterdir()}
     assert {"checkpoints", "config.yaml", "metrics.jsonl", "tensorboard"} <= names
@@ -124,7 +124,7 @@ def test_a_run_in_a_bucket_is_killed_resumed_and_evaluated_like_a_local_one(emul
     assert scores["bucket"]["bpb"] == pytest.approx(scores["local"]["bpb"], rel=1e-6)
     continued = run_cli(*train_args(f"{BUCKET}/data", f"{BUCKET}/runs/b", 2), f"init_from={run}", env=emulator)
     assert continued.returncode == 0, continued.stderr
-    assert f"initialising weights from {run} step {steps}" in continued.stderr
+    assert f"initialising weights from {run} step {steps}" in continued.stdout
 
 
 @pytest.mark.parametrize("spec, message", [

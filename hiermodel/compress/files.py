@@ -8,7 +8,6 @@ so compressor and decompressor always use the very same model.
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from hiermodel.compress import windows
 from hiermodel.compress.integer_lm import IntegerLM, IntegerPredictor
 from hiermodel.data import window_records
 from hiermodel.errors import UserError
+from hiermodel.progress import Progress
 from hiermodel.run import INTEGER_M1_FILE
 
 
@@ -34,17 +34,6 @@ def integer_m1(run_dir: str) -> IntegerLM:
     return IntegerLM.load(path)
 
 
-class _Progress:
-    def __init__(self, total: int, verb: str):
-        self.total, self.verb, self.started = total, verb, time.monotonic()
-
-    def __call__(self, done: int) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{self.verb} {done:,}/{self.total:,} bytes ({done / elapsed / 1e3:.1f} KB/s)", end=end,
-              file=sys.stderr, flush=True)
-
-
 def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window_bits: int = 16,
              num_shards: int = 1, batch_size: int = 512, segment_bytes: int = 512, devices=None) -> dict:
     """Code `documents` into window shards in `output`; returns the summary it writes."""
@@ -56,8 +45,9 @@ def compress(m1_run: str, documents: Sequence[bytes], output: str | Path, window
     total = sum(map(len, documents))
     started = time.monotonic()
     predictor = IntegerPredictor(model, devices)
-    records = windows.encode_documents(predictor, documents, window_bits, batch_size, segment_bytes,
-                                       _Progress(total, "compressed"))
+    progress = Progress(total, "compressed")
+    records = windows.encode_documents(predictor, documents, window_bits, batch_size, segment_bytes, progress)
+    progress.close()
     m1_positions = predictor.positions + 1  # and BOS, once
     seconds = time.monotonic() - started
     paths = [output / f"windows-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
@@ -112,9 +102,10 @@ def decompress(m1_run: str, shard_dir: str | Path, batch_size: int = 512, device
         raise UserError(f"{m1_run}: its integer M1 ({model.fingerprint()[:12]}) is not the one that compressed "
                         f"{shard_dir} ({summary['m1_fingerprint'][:12]}, from {summary['m1_run']})")
     started = time.monotonic()
+    progress = Progress(summary["bytes_in"], "decompressed")
     decoded = windows.decode_documents(IntegerPredictor(model, devices), [r.windows for r in records],
-                                       summary["window_bits"], batch_size,
-                                       _Progress(summary["bytes_in"], "decompressed"))
+                                       summary["window_bits"], batch_size, progress)
+    progress.close()
     documents = windows.require_decodable(decoded)
     seconds = time.monotonic() - started
     return {**summary, "decode_seconds": seconds, "decode_bytes_per_s": summary["bytes_in"] / max(seconds, 1e-9)}, documents

@@ -252,6 +252,7 @@ class DocumentSource:
                 self.paths += list(named)
                 self._files += list(named.values())
         self._starts = np.cumsum([0] + [f.units for f in self._files])
+        self.split = split if holdout > 0 else "all"
         self._kept = None  # per file: which pieces of each unit are on this side of the holdout
         if holdout > 0 and split != "all":
             self._kept = [self._choose(f, holdout, split) for f in range(len(self._files))]

@@ -2,7 +2,6 @@
 
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from hiermodel.config import DataConfig
 from hiermodel.data.pipeline import ToDocument, scoring_batches
 from hiermodel.data.sources import DocumentSource
 from hiermodel.models import gates
+from hiermodel.progress import Progress
 from hiermodel.text.words import split_words
 from hiermodel.train.sharding import batch_sharding, process_slice, to_global, to_host
 from hiermodel.train.step import cast, target_bytes, token_nats
@@ -80,7 +80,10 @@ def score_source(score_fn, params, source: DocumentSource, to_document: ToDocume
     files = len(source.paths)
     bits, counts, tokens = np.zeros(files), np.zeros(files, np.int64), np.zeros(files, np.int64)
     gated, deleted, overflow, computed = np.zeros(files, np.int64), np.zeros(files, np.int64), 0, 1.0
-    started, rows = time.monotonic(), 0
+    clean = getattr(source, "clean", source)
+    # A holdout split's share of the files is only known once read.
+    expected = clean.nbytes if text and clean.split == "all" else None
+    meter = Progress(expected, "scored") if progress and jax.process_index() == 0 else None
     steady_since, steady_bytes = None, 0  # throughput from the second batch on: no compilation
     for batch in scoring_batches(data, source, to_document, batch_size, max_rows):
         scores = score_fn(params, to_global(process_slice(batch), mesh))
@@ -101,14 +104,11 @@ def score_source(score_fn, params, source: DocumentSource, to_document: ToDocume
         bits += np.bincount(tags, weights=bits_BxT[scored].astype(np.float64), minlength=files)
         counts += np.bincount(tags, weights=np.asarray(target_bytes(batch))[scored], minlength=files).astype(np.int64)
         tokens += np.bincount(tags, minlength=files)
-        rows += batch_size
-        if progress and jax.process_index() == 0 and (sys.stderr.isatty() or rows % (20 * batch_size) == 0):
-            elapsed = time.monotonic() - started
-            print(f"scored {counts.sum():,} bytes in {elapsed:.0f}s ({counts.sum() / max(elapsed, 1e-9) / 1e3:.1f} KB/s)",
-                  end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+        if meter:
+            meter(int(counts.sum()))
     finished = time.monotonic()
-    if progress and jax.process_index() == 0 and sys.stderr.isatty():
-        print(file=sys.stderr)
+    if meter:
+        meter.close()
     chars = words = [None] * files
     if text and not max_rows:
         clean = getattr(source, "clean", source)

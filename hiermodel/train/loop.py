@@ -184,6 +184,7 @@ def train(config: Config, devices=None) -> dict:
                     f"{jax.device_count()} {jax.devices()[0].platform} devices; MFU against "
                     + (f"{peak / mesh.size:.3g} FLOP/s per device ({peak_source})" if peak else peak_source))
 
+        writer.info("compiling the train step (minutes for a large model; progress starts after it)")
         step_fn = jit_train_step(layout, tx, config, mesh)
         if jax.process_count() > 1:
             # All compile before any reaches the first collective: CPU (gloo) collectives connect
@@ -279,6 +280,7 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
     step_model_flops, step_hardware_flops = t.batch_size * model_flops(*shape), t.batch_size * train_flops(*shape)
     start = int(state["step"])
     stop = StopRequest()
+    writer.begin(start)
     profile = _Profile(t.profile_steps, storage.path(config.run_dir))
     pending, last_logged, window_bytes, window_words, window_steps = [], {}, 0, 0, 0
     last_saved, last_save_time = start, time.monotonic()
@@ -349,7 +351,9 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                                     **{f"bpb_{name}": entry["bpb"] for name, entry in languages.items()}},
                              prefix="eval")
                 by_language = "".join(f", {name} {entry['bpb']:.4f}" for name, entry in languages.items())
-                writer.info(f"eval step {done}: bpb {result['bpb']:.4f} on {result['bytes']:,} bytes{by_language}")
+                sample = f"a sample of {result['bytes']:,} bytes (train.eval_rows={t.eval_rows} rows; hiermodel eval " \
+                         f"scores all of it)" if t.eval_rows else f"{result['bytes']:,} bytes"
+                writer.info(f"eval step {done}: bpb {result['bpb']:.4f} on {sample}{by_language}")
                 clock.restart()
             if save:
                 checkpointer.save(done, state, data_iterator, to_dict(config))

@@ -1,4 +1,5 @@
-"""Where metrics go: the terminal, RUN_DIR/metrics.jsonl and TensorBoard (process 0 only)."""
+"""Where metrics go: the terminal (stdout: a bar on a terminal, lines in a log), RUN_DIR/metrics.jsonl
+and TensorBoard (process 0 only)."""
 
 import json
 import math
@@ -6,6 +7,7 @@ import sys
 import time
 
 import jax
+from tqdm import tqdm
 
 from hiermodel import storage
 
@@ -31,7 +33,18 @@ class MetricsWriter:
         self.total_steps = total_steps
         self.started = time.monotonic()
         self.first_step: int | None = None
-        self.jsonl = self.tensorboard = None
+        self.jsonl = self.tensorboard = self.bar = None
+
+    def begin(self, step: int) -> None:
+        """Training starts after `step`: a progress bar from there when stdout is a terminal."""
+        if self.enabled and sys.stdout.isatty():
+            self.bar = tqdm(total=self.total_steps, initial=step, unit="step", file=sys.stdout, dynamic_ncols=True)
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
 
     def _open(self) -> None:
         """On the first record, so that a run that fails before it leaves no empty files behind."""
@@ -68,15 +81,19 @@ class MetricsWriter:
                 f"lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  eta {format_duration(eta) if done else '?'}")
         if "alpha" in metrics:
             line += f"  deleted {metrics['deletion']:.1%} (soft {metrics['deletion_soft']:.1%})  alpha {metrics['alpha']:.3g}"
-        print(line, flush=True)
+        self._print(line)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
 
     def info(self, message: str, every_process: bool = False) -> None:
         if self.enabled:
-            print(message, file=sys.stderr, flush=True)
+            self._print(message)
         elif every_process:
-            print(f"process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
+            print(f"process {jax.process_index()}: {message}", flush=True)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
             self.tensorboard.close()
