@@ -37,6 +37,8 @@ CASES = [
      "was trained on another data stream (data.train=['builtin:train'] there, ['builtin:eval'] here)"),
     ("resume another batch", TRAIN + ["run_dir={run}", "train.batch_size=16"],
      "another data stream (train.batch_size=8 there, 16 here)"),
+    ("resume on other data shards", TRAIN + ["run_dir={run}", "data.shards=2"],
+     "another data stream (data.shards=1 there, 2 here)"),
     ("init_from another model", TRAIN + ["run_dir={new}", "init_from={run}", "model.backbone_layers=3"],
      "its model config differs from this run's"),
     ("init_from no run", TRAIN + ["run_dir={new}", "init_from={new}-missing"], "no such run directory"),

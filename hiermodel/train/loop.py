@@ -102,6 +102,7 @@ def _check_resume(config: Config, step: int, saved: dict) -> None:
     checkpoint holds a position in that stream)."""
     saved = to_dict(from_dict(saved, f"{config.run_dir} checkpoint {step} config"))
     here = to_dict(config)
+    saved["data"]["shards"] = saved["data"]["shards"] or here["data"]["shards"]  # saved before shards were resolved
     model = _differences(saved["model"], here["model"], "model.")
     if model:
         raise UserError(f"run_dir={config.run_dir} holds a checkpoint (step {step}) of another model "
@@ -132,6 +133,10 @@ def train(config: Config, devices=None) -> dict:
     logged metrics. Everything that can be wrong with the config, the data or the run directory
     is found before anything is compiled or written."""
     started = time.monotonic()
+    # data.shards=0 means one per process: saved as the number, so that a resume on another
+    # number of processes, which would read another stream, is caught.
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, shards=config.data.shards or jax.process_count()))
     mesh = make_mesh(config.mesh, devices)
     validate(config, mesh)
     run_dir = storage.path(config.run_dir)
