@@ -5,7 +5,8 @@ a flag would be seen at different steps by different processes, which would then
 different branches and hang in the next collective. JAX's preemption service (started by
 jax.distributed) catches SIGTERM in its coordination client instead and agrees on one step for
 all: the one after the furthest any process has reached. SIGINT is handed to it as SIGTERM.
-A TPU VM's preemption or maintenance notice reaches the processes as SIGTERM.
+A spot or preemptible VM is told it is going away by SIGTERM; other notices (a maintenance
+event) reach JAX only where a notifier for them is registered.
 """
 
 import os
