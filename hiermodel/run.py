@@ -19,7 +19,7 @@ from hiermodel.models.registry import check_kind
 from hiermodel.text.subword import Subword
 from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
-from hiermodel.train.sharding import make_mesh
+from hiermodel.sharding import make_mesh
 
 TOKENIZER_FILE = "tokenizer.json"
 INTEGER_M1_FILE = "m1_integer.npz"  # written by the first compression with this run as M1

@@ -13,7 +13,7 @@ import pytest
 from hiermodel.errors import UserError
 from hiermodel.train import state as state_lib
 from hiermodel.train.aot import batch_shapes, compile_report, target_devices
-from hiermodel.train.sharding import batch_sharding, make_mesh
+from hiermodel.sharding import batch_sharding, make_mesh
 from hiermodel.train.step import optimizer
 from tests.conftest import MICRO, REPO, micro_config
 

@@ -58,7 +58,7 @@ def test_scale_configs_build_to_their_size(name, low, high):
 @pytest.mark.parametrize("key", ["log_every", "eval_every", "checkpoint_every"])
 def test_intervals_of_zero_steps_are_refused_before_anything_compiles(key):
     from hiermodel.train.loop import validate
-    from hiermodel.train.sharding import make_mesh
+    from hiermodel.sharding import make_mesh
 
     config = config_lib.load(CONFIGS / "tiny.yaml", [f"train.{key}=0", "mesh.data=1"])
     with pytest.raises(UserError, match=f"train.{key}=0 must be at least 1"):

@@ -9,7 +9,7 @@ from hiermodel.models import registry
 from hiermodel.models.layers import attention_score_pairs
 from hiermodel.train import hardware
 from hiermodel.train import state as state_lib
-from hiermodel.train.sharding import make_mesh
+from hiermodel.sharding import make_mesh
 from hiermodel.train.step import make_train_step, optimizer
 from hiermodel.config import MeshConfig
 from hiermodel.eval.score import make_score_fn

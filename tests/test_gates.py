@@ -134,7 +134,7 @@ def test_the_controller_holds_the_target_rate_and_a_learned_gate_beats_random_de
     from hiermodel.train import state as state_lib
     from hiermodel.train.checkpoint import Checkpointer
     from hiermodel.train.metrics import read_metrics
-    from hiermodel.train.sharding import make_mesh
+    from hiermodel.sharding import make_mesh
 
     config = train_gated(str(tmp_path / "run"), 160, corpus, **{"model.gate.target": 0.3})
     logged = read_metrics(tmp_path / "run")

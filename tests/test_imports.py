@@ -61,9 +61,14 @@ def test_no_module_imports_in_a_circle():
     assert cycles(import_graph()) == []
 
 
-def test_no_module_imports_the_cli_and_training_does_not_import_compression():
+def imports_from(graph, lower: tuple[str, ...], higher: tuple[str, ...]) -> dict:
+    return {m: sorted(d for d in deps if d.startswith(higher)) for m, deps in graph.items()
+            if m.startswith(lower) and any(d.startswith(higher) for d in deps)}
+
+
+def test_no_module_imports_the_cli_and_lower_layers_do_not_import_higher_ones():
     graph = import_graph()
     assert [m for m, deps in graph.items() if "hiermodel.cli" in deps] == []
-    assert {m: sorted(d for d in deps if d.startswith("hiermodel.compress")) for m, deps in graph.items()
-            if m.startswith(("hiermodel.train", "hiermodel.data", "hiermodel.models", "hiermodel.text"))
-            and any(d.startswith("hiermodel.compress") for d in deps)} == {}
+    layers = ["hiermodel.text", "hiermodel.data", "hiermodel.models", "hiermodel.train", "hiermodel.compress"]
+    for i, layer in enumerate(layers[:-1]):
+        assert imports_from(graph, tuple(layers[:i + 1]), tuple(layers[i + 1:])) == {}, layer

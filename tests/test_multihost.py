@@ -17,7 +17,7 @@ from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import Checkpointer
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
-from hiermodel.train.sharding import make_mesh
+from hiermodel.sharding import make_mesh
 from tests.conftest import MICRO, REPO, micro_config
 
 pytestmark = pytest.mark.slow

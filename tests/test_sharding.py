@@ -8,7 +8,7 @@ from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import Checkpointer
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
-from hiermodel.train.sharding import make_mesh
+from hiermodel.sharding import make_mesh
 from hiermodel.train.step import optimizer
 from tests.conftest import micro_config
 

@@ -16,7 +16,7 @@ from hiermodel.train import state as state_lib
 from hiermodel.train.loop import train
 from hiermodel.run import open_latest
 from hiermodel.train.metrics import read_metrics
-from hiermodel.train.sharding import make_mesh
+from hiermodel.sharding import make_mesh
 from tests.conftest import micro_config
 from tools import train_tokenizer
 

@@ -25,7 +25,7 @@ def bench(config, steps: int, warmup: int) -> dict:
     from hiermodel.models.registry import model_flops, train_flops
     from hiermodel.train import state as state_lib
     from hiermodel.train.loop import mesh_peak_flops, validate
-    from hiermodel.train.sharding import make_mesh, to_global
+    from hiermodel.sharding import make_mesh, to_global
     from hiermodel.train.step import jit_train_step, optimizer, target_bytes
 
     mesh = make_mesh(config.mesh)

@@ -32,7 +32,7 @@ def _score(config, deletion: str) -> dict:
     from hiermodel.eval.score import make_score_fn, score_source
     from hiermodel.train import state as state_lib
     from hiermodel.run import open_latest
-    from hiermodel.train.sharding import make_mesh
+    from hiermodel.sharding import make_mesh
 
     mesh = make_mesh(config.mesh)
     checkpointer, step, _ = open_latest(config.run_dir)

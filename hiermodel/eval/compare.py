@@ -28,7 +28,7 @@ from hiermodel.text import subword
 from hiermodel.train import state as state_lib
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
-from hiermodel.train.sharding import make_mesh
+from hiermodel.sharding import make_mesh
 
 
 @dataclasses.dataclass

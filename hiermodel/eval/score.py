@@ -16,7 +16,7 @@ from hiermodel.data.sources import DocumentSource
 from hiermodel.models import gates
 from hiermodel.progress import Progress
 from hiermodel.text.words import split_words
-from hiermodel.train.sharding import batch_sharding, process_slice, to_global, to_host
+from hiermodel.sharding import batch_sharding, process_slice, to_global, to_host
 from hiermodel.train.step import cast, target_bytes, token_nats
 
 

@@ -1,6 +1,6 @@
 """Shared transformer layers: RMSNorm, RoPE, grouped-query attention, SwiGLU, pre-norm blocks.
 
-Parameters carry logical axis names in their `axes` metadata; train/sharding.py maps them to
+Parameters carry logical axis names in their `axes` metadata; hiermodel/sharding.py maps them to
 the mesh. Layers compute in the dtype of their inputs; softmax and norms run in float32.
 """
 
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hiermodel.train.sharding import constrain
+from hiermodel.sharding import constrain
 
 LOCAL_BLOCK = 64  # query block of sliding-window attention
 

@@ -15,7 +15,7 @@ from hiermodel.config import Config
 from hiermodel.errors import UserError
 from hiermodel.models.registry import model_flops, train_flops
 from hiermodel.train import state as state_lib
-from hiermodel.train.sharding import batch_sharding, make_mesh
+from hiermodel.sharding import batch_sharding, make_mesh
 from hiermodel.train.step import jit_train_step, optimizer
 
 # Cloud TPU slice names -> libtpu topologies. v4 and v5p names count TensorCores (two per chip),

@@ -25,7 +25,7 @@ from hiermodel.train.checkpoint import Checkpointer
 from hiermodel.train.distributed import barrier, check_shared, from_process_zero
 from hiermodel.train.metrics import MetricsWriter, read_metrics
 from hiermodel.train.preemption import StopRequest
-from hiermodel.train.sharding import batch_sharding, make_mesh, to_global
+from hiermodel.sharding import batch_sharding, make_mesh, to_global
 from hiermodel.train.step import jit_train_step, optimizer, schedule
 
 

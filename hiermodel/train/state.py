@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hiermodel.config import Config
 from hiermodel.models.registry import build
-from hiermodel.train.sharding import param_shardings
+from hiermodel.sharding import param_shardings
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ from flax import nnx
 from hiermodel.config import GateConfig, ModelConfig, TrainConfig
 from hiermodel.errors import UserError
 from hiermodel.models import gates
-from hiermodel.train.sharding import batch_sharding
+from hiermodel.sharding import batch_sharding
 
 def schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warmup, then cosine decay, or warmup-stable-decay (WSD) with a linear tail."""
