@@ -64,10 +64,10 @@ def check_shared(run_dir: epath.Path) -> None:
     on a pod, a path on each host's own disk would give each host its own checkpoints."""
     if jax.process_count() == 1:
         return
-    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # the folders process 0 will make
     token = from_process_zero("shared-check", uuid.uuid4().hex if jax.process_index() == 0 else "")
     marker = run_dir / f".shared-check-{token}"
     if jax.process_index() == 0:
+        created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # deepest first
         run_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(token)
     barrier("hiermodel: shared-check marker written")
@@ -79,7 +79,7 @@ def check_shared(run_dir: epath.Path) -> None:
     if jax.process_index() == 0:
         marker.unlink()
         if blind:
-            for folder in created:  # deepest first; nothing else is in them
+            for folder in created:  # nothing else is in them
                 folder.rmdir()
     if blind:
         raise UserError(f"run_dir={run_dir}: processes {', '.join(map(str, blind))} of {jax.process_count()} do not "

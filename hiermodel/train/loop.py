@@ -1,8 +1,10 @@
 """The training loop: data, state, jit'd step, logging, evaluation, checkpoints, signals."""
 
+import bisect
 import dataclasses
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -117,15 +119,15 @@ def _check_resume(config: Config, step: int, saved: dict) -> None:
                         f"or start a new run_dir with init_from={config.run_dir}")
 
 
-def _check_init_from(config: Config) -> tuple:
-    """(read-only checkpointer, step, whether this run adds a delete gate) of init_from."""
+def _check_init_from(config: Config) -> tuple[int, bool]:
+    """(latest step of init_from, whether this run adds a delete gate)."""
     source_run, source_step, source_config = open_latest(config.init_from)
+    source_run.close()
     source_model = from_dict(source_config).model
     if _ungated(source_model, config.model.gate) != config.model:
-        source_run.close()
         raise UserError(f"init_from={config.init_from}: its model config differs from this run's (a delete "
                         f"gate, model.gate, is the one thing a continued run may add)")
-    return source_run, source_step, bool(config.model.gate.layer) and not source_model.gate.layer
+    return source_step, bool(config.model.gate.layer) and not source_model.gate.layer
 
 
 def train(config: Config, devices=None) -> dict:
@@ -171,10 +173,11 @@ def train(config: Config, devices=None) -> dict:
                 earlier = {"wall_s": max((m.get("wall_s", 0.0) for m in logged.values()), default=0.0),
                            "productive_s": logged.get(resume_step, {}).get("productive_s", 0.0)}
         elif initial is not None:
-            source_run, source_step, adds_gate = initial
+            source_step, adds_gate = initial
             writer.info(f"initialising weights from {config.init_from} step {source_step}"
                         + ("; the delete gate starts fresh" if adds_gate else ""))
             wanted = {k: v for k, v in layout.abstract["params"].items() if not (adds_gate and k == "gate")}
+            source_run = Checkpointer(config.init_from, read_only=True)
             params = source_run.restore_params(source_step, wanted)
             source_run.close()
             state = state_lib.with_params(params, tx, layout, config if adds_gate else None)
@@ -217,7 +220,10 @@ class _Clock:
     def __init__(self, started: float, earlier: dict, start_step: int):
         """earlier: the wall and productive seconds of the run's earlier attempts, as logged."""
         self.started, self.earlier, self.start_step = started, earlier, start_step
-        self.window_seconds_per_step: list[float] = []
+        # Seconds per step of each log window, kept sorted (a long run logs many windows): all of
+        # them, and those after the first, which holds the compile.
+        self.windows: list[float] = []
+        self.later_windows: list[float] = []
         self.restart()
 
     def restart(self):
@@ -231,8 +237,10 @@ class _Clock:
 
     def close_window(self, steps: int) -> dict:
         elapsed = time.monotonic() - self.window_start
-        self.window_seconds_per_step.append(elapsed / steps)
-        windows = sorted(self.window_seconds_per_step)
+        if self.windows:
+            bisect.insort(self.later_windows, elapsed / steps)
+        bisect.insort(self.windows, elapsed / steps)
+        windows = self.windows
         return {"elapsed": elapsed, "step_s": elapsed / steps, "data_wait": self.data_wait / elapsed,
                 "step_s_p50": statistics.median_low(windows), "step_s_p90": windows[math.ceil(0.9 * len(windows)) - 1]}
 
@@ -241,9 +249,9 @@ class _Clock:
         the pace of this attempt's windows after its first, which holds the compile) and their
         share of the wall time, once this attempt has such windows."""
         wall = self.earlier.get("wall_s", 0.0) + time.monotonic() - self.started
-        if len(self.window_seconds_per_step) < 2:
+        if not self.later_windows:
             return {"wall_s": wall}
-        pace = statistics.median_low(self.window_seconds_per_step[1:])
+        pace = statistics.median_low(self.later_windows)
         productive = self.earlier.get("productive_s", 0.0) + (step - self.start_step) * pace
         return {"wall_s": wall, "productive_s": productive, "goodput": productive / wall}
 class _Profile:
@@ -275,6 +283,7 @@ class _Profile:
                 for name in names:
                     local = os.path.join(folder, name)
                     storage.upload(local, str(self.target / os.path.relpath(local, self.tracing)))
+            shutil.rmtree(self.tracing)
         self.tracing = None
 
 
