@@ -17,6 +17,9 @@ MESHES = {"1": (1, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2), "8x1x1": (8, 1
 
 def run(tmp_path, name, mesh, **overrides):
     data, fsdp, tensor = MESHES[mesh]
+    # One save, at the last step (every test here restores only that one); a save on eight fake
+    # devices costs more than a step.
+    overrides = {"train.checkpoint_every": 1000, **overrides}
     config = micro_config(run_dir=tmp_path / name, **{"mesh.data": data, "mesh.fsdp": fsdp,
                                                        "mesh.tensor": tensor}, **overrides)
     train(config, devices=jax.devices()[:data * fsdp * tensor])
