@@ -1,4 +1,4 @@
-"""hiermodel train | eval | generate | compare | compress | decompress | info | config."""
+"""hiermodel train | eval | generate | compare | compress | decompress | import | export | info | config."""
 
 import argparse
 import json
@@ -167,15 +167,42 @@ def cmd_config(args) -> int:
 
 def cmd_info(args) -> int:
     from hiermodel import config as config_lib
+    from hiermodel.models.pretrained import with_backbone_from
     from hiermodel.models.registry import check_kind, forward_flops, train_flops
     from hiermodel.train.state import num_params
 
     config = config_lib.load(args.config, args.overrides)
+    config.model = with_backbone_from(config.model)
     check_kind(config.model)
     shape = (config.model, config.data.row_tokens, config.data.row_words)
     print(f"{args.config}: model.kind={config.model.kind}, {num_params(config):,} parameters, "
           f"{train_flops(*shape) / config.data.row_tokens:.4g} training and "
           f"{forward_flops(*shape) / config.data.row_tokens:.4g} inference FLOPs per token of a full row")
+    m = config.model
+    print(f"backbone{' from ' + m.backbone_from if m.backbone_from else ''}: {m.backbone_layers} layers, width "
+          f"{m.backbone_dim}, {m.backbone_heads} heads ({m.backbone_kv_heads} key/value), MLP {m.backbone_mlp_dim}, "
+          f"RoPE theta {m.rope_theta:g}" + (f" scaled x{m.rope_scaling.factor:g}" if m.rope_scaling.factor else "")
+          + (", query/key/value biases" if m.attention_bias else "") + (", tied embeddings" if m.tie_embeddings else ""))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from hiermodel.convert import import_checkpoint
+
+    config = import_checkpoint(args.source, args.run_dir, args.row_tokens)
+    model = config.model
+    print(f"{args.source} -> {args.run_dir}: model.kind=subword, {model.backbone_layers} layers of width "
+          f"{model.backbone_dim}, {model.backbone_heads} heads ({model.backbone_kv_heads} key/value), "
+          f"{model.vocab_size:,} ids; score it with hiermodel eval --checkpoint {args.run_dir}, continue it "
+          f"with init_from={args.run_dir}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from hiermodel.convert import export_run
+
+    export_run(args.checkpoint, args.output)
+    print(f"{args.checkpoint} -> {args.output}: config.json, model.safetensors, tokenizer.json (LlamaForCausalLM)")
     return 0
 
 
@@ -312,6 +339,21 @@ def parser() -> argparse.ArgumentParser:
     decomp.add_argument("--output", required=True, help="file for the documents' bytes, in order")
     decomp.add_argument("--batch-size", type=int, default=512, help="rows decoded at once")
     decomp.set_defaults(run=cmd_decompress)
+
+    importer = command("import", help="make a subword run of a Hugging Face Llama-family checkpoint on disk",
+                       description="Read a local checkpoint directory (config.json, *.safetensors, tokenizer.json: "
+                                   "Llama 2/3/3.1/3.2, Mistral, Qwen2) into a run directory that eval and generate "
+                                   "read and init_from continues. Nothing is downloaded. A HAT takes a checkpoint's "
+                                   "layers as its backbone with model.backbone_from=DIR instead.")
+    importer.add_argument("source", help="the checkpoint's directory")
+    importer.add_argument("run_dir", help="a new run directory")
+    importer.add_argument("--row-tokens", type=int, default=1024, help="tokens per row when scoring (data.row_tokens)")
+    importer.set_defaults(run=cmd_import)
+
+    exporter = command("export", help="write a subword run as a Hugging Face Llama checkpoint")
+    exporter.add_argument("--checkpoint", required=True, help="run directory (model.kind=subword)")
+    exporter.add_argument("--output", required=True, help="a new directory")
+    exporter.set_defaults(run=cmd_export)
 
     info = command("info", help="build a config's model abstractly and count its parameters and FLOPs")
     info.add_argument("config", help="YAML config")

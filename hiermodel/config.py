@@ -36,6 +36,21 @@ class GateConfig:
 
 
 @dataclasses.dataclass
+class RopeScalingConfig:
+    """Llama 3.1's RoPE frequency scaling (models/layers.py rope_frequencies); factor 0: none."""
+
+    factor: float = 0.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+    def as_tuple(self) -> tuple:
+        if not self.factor:
+            return ()
+        return (self.factor, self.low_freq_factor, self.high_freq_factor, self.original_context)
+
+
+@dataclasses.dataclass
 class ModelConfig:
     kind: str = "hat"  # hat, byte, subword, or eiw (a transformer over Equal-Info windows)
     encoder_layers: int = 2
@@ -52,7 +67,13 @@ class ModelConfig:
     backbone_mlp_dim: int = 768
     pool_heads: int = 4
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = dataclasses.field(default_factory=RopeScalingConfig)  # backbone-shaped stacks
     norm_eps: float = 1e-6
+    attention_bias: bool = False  # backbone-shaped stacks: query, key and value biases (Qwen2)
+    tie_embeddings: bool = False  # byte and subword: the output layer is the embedding, transposed
+    # hat: a local Hugging Face Llama-family checkpoint (config.json, *.safetensors) whose layers
+    # and final norm start the backbone; its shapes are the backbone's (models/pretrained.py).
+    backbone_from: str = ""
     vocab_size: int = 0  # subword: the tokenizer's size (BOS and the 256 bytes included)
     window_bits: int = 16  # eiw: bits per Equal-Info window of the compressed shards (W)
     window_token_bits: int = 16  # eiw: bits per token, W (one token per window) or a divisor such as 8

@@ -16,7 +16,7 @@ from hiermodel.data import window_records
 from hiermodel.data.documents import ByteEncoding, SubwordEncoding
 from hiermodel.errors import UserError
 from hiermodel.models.registry import check_kind
-from hiermodel.text.subword import Subword
+from hiermodel.text.pretrained_tokenizer import PretrainedTokenizer, load as load_tokenizer
 from hiermodel.train import state as state_lib
 from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
 from hiermodel.sharding import make_mesh
@@ -93,10 +93,15 @@ def encoding(config: Config):
     if not config.model.tokenizer:
         raise UserError("model.kind=subword needs model.tokenizer: a file made by tools/train_tokenizer.py")
     path = tokenizer_path(config)
-    tokenizer = Subword.load(path)
-    if tokenizer.vocab_size != config.model.vocab_size:
+    tokenizer = load_tokenizer(path)
+    # A pretrained model's embedding may have more rows than its tokenizer has ids (never produced).
+    fits = (tokenizer.vocab_size <= config.model.vocab_size if isinstance(tokenizer, PretrainedTokenizer)
+            else tokenizer.vocab_size == config.model.vocab_size)
+    if not fits:
         raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
                         f"{config.model.vocab_size}")
+    if isinstance(tokenizer, PretrainedTokenizer):
+        tokenizer.pad_vocab(config.model.vocab_size)
     return SubwordEncoding(tokenizer, config.data.max_word_bytes)
 
 

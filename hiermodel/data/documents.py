@@ -4,7 +4,6 @@ import dataclasses
 import functools
 import numpy as np
 
-from hiermodel.text.subword import Subword
 from hiermodel.text.words import BOS_ID, END_ID, VOCAB_SIZE, split_words
 
 
@@ -70,17 +69,19 @@ class ByteEncoding:
 
 
 class SubwordEncoding:
-    """Each word is the BPE ids of its bytes (the `subword` kind)."""
+    """Each word is the BPE ids of its bytes (the `subword` kind); with a pretrained model's
+    tokenizer each token is a word."""
 
     reads_text = True
     end_id = None  # the BPE has no end-of-text id
 
-    def __init__(self, tokenizer: Subword, max_word_bytes: int):
+    def __init__(self, tokenizer, max_word_bytes: int):
         self.tokenizer, self.max_word_bytes = tokenizer, max_word_bytes
         self.vocab_size, self.bos_id = tokenizer.vocab_size, tokenizer.bos_id
         self.id_bytes, self.token_bytes = tokenizer.id_bytes, tokenizer.token_bytes
 
     def document(self, data: bytes, first: bool = True, last: bool = True) -> Document:
-        pieces = self.tokenizer.encode_words(split_words(data, self.max_word_bytes))
-        tokens = np.concatenate([[self.bos_id] if first else [], *pieces]).astype(np.int32)
-        return Document(tokens, self.token_bytes[tokens], _word_lengths(pieces, first))
+        tokens, word_lengths = self.tokenizer.encode_document(data, self.max_word_bytes)
+        if first:
+            tokens, word_lengths = np.concatenate([[self.bos_id], tokens]), np.concatenate([[1], word_lengths])
+        return Document(tokens.astype(np.int32), self.token_bytes[tokens], word_lengths.astype(np.int32))

@@ -13,17 +13,22 @@ from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, pa
 from hiermodel.text.words import VOCAB_SIZE
 
 
+def backbone_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """A block of the backbone-shaped stack (the byte and subword models, HAT's backbone)."""
+    return Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim, cfg.rope_theta,
+                 cfg.norm_eps, rngs, cfg.attention, cfg.rope_scaling.as_tuple(), cfg.attention_bias)
+
+
 class TransformerLM(nnx.Module):
     """Decoder-only transformer over token ids: embedding, backbone-sized blocks, head."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, window: int, rngs: nnx.Rngs):
         self.cfg, self.window = cfg, window
         self.embed = param(rngs, (vocab_size, cfg.backbone_dim), ("vocab", "embed"), fan_in=1)
-        self.blocks = nnx.List([
-            Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
-                  cfg.rope_theta, cfg.norm_eps, rngs, cfg.attention) for _ in range(cfg.backbone_layers)])
+        self.blocks = nnx.List([backbone_block(cfg, rngs) for _ in range(cfg.backbone_layers)])
         self.norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
-        self.head = param(rngs, (cfg.backbone_dim, vocab_size), ("embed", "vocab"))
+        if not cfg.tie_embeddings:
+            self.head = param(rngs, (cfg.backbone_dim, vocab_size), ("embed", "vocab"))
         if cfg.gate.layer:
             self.gate = DeleteGate(cfg.backbone_dim, cfg.gate, cfg.norm_eps, rngs)
 
@@ -40,8 +45,12 @@ class TransformerLM(nnx.Module):
         else:
             x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window,
                                  remat=self.cfg.remat, scan=self.cfg.scan_layers)
-        logits_BxTxV = (self.norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
+        logits_BxTxV = self.logits(self.norm(x_BxTxD))
         return (logits_BxTxV, stats) if with_stats else logits_BxTxV
+
+    def logits(self, x_BxTxD):
+        head_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        return (x_BxTxD @ head_DxV.astype(x_BxTxD.dtype)).astype(jnp.float32)
 
     def empty_cache(self, batch: int, length: int) -> list[dict]:
         cfg = self.cfg
@@ -62,7 +71,7 @@ class TransformerLM(nnx.Module):
             for block, cache in zip(self.blocks, caches):
                 x_BxSxD, cache = block.extend(x_BxSxD, positions_BxS, cache, self.window)
                 updated.append(cache)
-        return (self.norm(x_BxSxD) @ self.head[...]).astype(jnp.float32), updated
+        return self.logits(self.norm(x_BxSxD)), updated
 
 
 def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: int,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
-from hiermodel.models.byte import stack_flops
+from hiermodel.models.byte import backbone_block, stack_flops
 from hiermodel.models.gates import DeleteGate, empty_gated_caches, extend_gated, run_gated
 from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks, write_at
 from hiermodel.text.words import VOCAB_SIZE
@@ -78,9 +78,7 @@ class HAT(nnx.Module):
         self.embed = param(rngs, (VOCAB_SIZE, cfg.byte_dim), ("vocab", "embed"), fan_in=1)
         self.encoder = nnx.List([_byte_block(cfg, rngs) for _ in range(cfg.encoder_layers)])
         self.pool = WordPooling(cfg.byte_dim, cfg.pool_heads, cfg.backbone_dim, cfg.rope_theta, rngs)
-        self.backbone = nnx.List([
-            Block(cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads, cfg.backbone_mlp_dim,
-                  cfg.rope_theta, cfg.norm_eps, rngs, cfg.attention) for _ in range(cfg.backbone_layers)])
+        self.backbone = nnx.List([backbone_block(cfg, rngs) for _ in range(cfg.backbone_layers)])
         self.backbone_norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
         if cfg.gate.layer:
             self.gate = DeleteGate(cfg.backbone_dim, cfg.gate, cfg.norm_eps, rngs)

@@ -42,11 +42,24 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BxTxHxDh, positions_BxT, theta: float):
+def rope_frequencies(half: int, theta: float, scaling: tuple = ()):
+    """Angular frequency of each rotated pair. scaling: (factor, low_freq_factor, high_freq_factor,
+    original_context), Llama 3.1's stretch of the slow frequencies for longer contexts: wavelengths
+    beyond original_context / low_freq_factor are divided by factor, those under
+    original_context / high_freq_factor kept, and the band between blended."""
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if not scaling:
+        return freqs
+    factor, low, high, original = scaling
+    wavelengths = 2 * jnp.pi / freqs
+    blend = jnp.clip((original / wavelengths - low) / (high - low), 0.0, 1.0)
+    return (1 - blend) * freqs / factor + blend * freqs
+
+
+def rope(x_BxTxHxDh, positions_BxT, theta: float, scaling: tuple = ()):
     """Rotary position embedding over the last dimension (split halves)."""
     half = x_BxTxHxDh.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * freqs
+    angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(half, theta, scaling)
     sin, cos = jnp.sin(angles_BxTxF)[:, :, None, :], jnp.cos(angles_BxTxF)[:, :, None, :]
     x1, x2 = jnp.split(x_BxTxHxDh.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -167,10 +180,12 @@ def attention_score_pairs(length: int, window: int) -> int:
 
 
 class Attention(nnx.Module):
-    """Grouped-query causal self-attention with RoPE, within segments, optionally windowed."""
+    """Grouped-query causal self-attention with RoPE, within segments, optionally windowed.
+    bias: the query, key and value projections add a bias (Qwen2); rope_scaling: see
+    rope_frequencies."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, theta: float, rngs: nnx.Rngs,
-                 implementation: str = "auto"):
+                 implementation: str = "auto", rope_scaling: tuple = (), bias: bool = False):
         if dim % heads or heads % kv_heads:
             raise ValueError(f"width {dim}, heads {heads}, kv heads {kv_heads} do not divide")
         head_dim = dim // heads
@@ -178,12 +193,27 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", None))
         self.wv = param(rngs, (dim, kv_heads, head_dim), ("embed", "kv_heads", None))
         self.wo = param(rngs, (heads, head_dim, dim), ("heads", None, "embed"), fan_in=dim)
-        self.theta, self.implementation = theta, implementation
+        if bias:
+            self.bq = nnx.Param(jnp.zeros((heads, head_dim), jnp.float32), axes=("heads", None))
+            self.bk = nnx.Param(jnp.zeros((kv_heads, head_dim), jnp.float32), axes=("kv_heads", None))
+            self.bv = nnx.Param(jnp.zeros((kv_heads, head_dim), jnp.float32), axes=("kv_heads", None))
+        self.theta, self.rope_scaling, self.bias = theta, tuple(rope_scaling), bias
+        self.implementation = implementation
+
+    def _project(self, x_BxTxD, positions_BxT):
+        """Queries and keys (rotated) and values of each position."""
+        q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...])
+        k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...])
+        v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...])
+        if self.bias:
+            q_BxTxHxDh += self.bq[...].astype(q_BxTxHxDh.dtype)
+            k_BxTxKxDh += self.bk[...].astype(k_BxTxKxDh.dtype)
+            v_BxTxKxDh += self.bv[...].astype(v_BxTxKxDh.dtype)
+        return (rope(q_BxTxHxDh, positions_BxT, self.theta, self.rope_scaling),
+                rope(k_BxTxKxDh, positions_BxT, self.theta, self.rope_scaling), v_BxTxKxDh)
 
     def __call__(self, x_BxTxD, positions_BxT, segments_BxT, window: int = 0, gates: "KeyGates | None" = None):
-        q_BxTxHxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...]), positions_BxT, self.theta)
-        k_BxTxKxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...]), positions_BxT, self.theta)
-        v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...])
+        q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = self._project(x_BxTxD, positions_BxT)
         b, t, h, dh = q_BxTxHxDh.shape
         if gates is None and resolve_attention(self.implementation, x_BxTxD.dtype) == "cudnn":
             out = fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, "cudnn")
@@ -203,9 +233,7 @@ class Attention(nnx.Module):
         over the cache and themselves; returns the output and the cache with their keys and
         values (and, after a delete gate, their gate values: -inf for a hard-deleted key). A
         position at or past the cache's end is padding: computed, never stored."""
-        q_BxSxHxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wq[...]), positions_BxS, self.theta)
-        k_BxSxKxDh = rope(jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wk[...]), positions_BxS, self.theta)
-        v_BxSxKxDh = jnp.einsum("btd,dhk->bthk", x_BxSxD, self.wv[...])
+        q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh = self._project(x_BxSxD, positions_BxS)
         cache = {**cache, "k": write_at(cache["k"], k_BxSxKxDh, positions_BxS),
                  "v": write_at(cache["v"], v_BxSxKxDh, positions_BxS)}
         if gates is not None:
@@ -273,9 +301,9 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm x), then x + mlp(norm x)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, mlp_dim: int, theta: float, eps: float,
-                 rngs: nnx.Rngs, attention: str = "auto"):
+                 rngs: nnx.Rngs, attention: str = "auto", rope_scaling: tuple = (), bias: bool = False):
         self.attn_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, heads, kv_heads, theta, rngs, attention)
+        self.attn = Attention(dim, heads, kv_heads, theta, rngs, attention, rope_scaling, bias)
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_dim, rngs)
 

@@ -21,7 +21,29 @@ BOS_TOKEN = "\u0100"
 _CACHE_LIMIT = 1 << 18
 
 
-class Subword:
+def read(path: str | Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_str(storage.path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such tokenizer file") from None
+    except Exception as e:  # tokenizers raises bare Exceptions for unreadable files
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})") from None
+
+
+class TokenizerFile:
+    """What every BPE offers: `tokenizer`, `id_bytes` (the raw bytes of each id), saving."""
+
+    tokenizer: tokenizers.Tokenizer
+    id_bytes: list[bytes]
+
+    def save(self, path: str | Path) -> None:
+        storage.write_atomically(str(path), self.tokenizer.to_str().encode())
+
+    def decode(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self.id_bytes[i] for i in ids)
+
+
+class Subword(TokenizerFile):
     """A trained BPE: words of bytes to ids, ids to bytes; id 0 is BOS."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, origin: str = "tokenizer"):
@@ -40,17 +62,13 @@ class Subword:
 
     @classmethod
     def load(cls, path: str | Path) -> "Subword":
-        try:
-            return cls(tokenizers.Tokenizer.from_str(storage.path(path).read_text()), str(path))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such tokenizer file") from None
-        except Exception as e:  # tokenizers raises bare Exceptions for unreadable files
-            if isinstance(e, UserError):
-                raise
-            raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})") from None
+        return cls(read(path), str(path))
 
-    def save(self, path: str | Path) -> None:
-        storage.write_atomically(str(path), self.tokenizer.to_str().encode())
+    def encode_document(self, data: bytes, max_word_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, tokens per word) of a document's words."""
+        pieces = self.encode_words(split_words(data, max_word_bytes))
+        lengths = np.fromiter(map(len, pieces), np.int32, len(pieces))
+        return np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32), lengths
 
     def encode_words(self, words: list[bytes]) -> list[np.ndarray]:
         """The ids of each word; a cache keeps frequent words out of the tokenizer."""
@@ -62,9 +80,6 @@ class Subword:
             for word, encoding in zip(missing, encodings):
                 self._cache[word] = np.asarray(encoding.ids, np.int32)
         return [self._cache[w] for w in words]
-
-    def decode(self, ids: Iterable[int]) -> bytes:
-        return b"".join(self.id_bytes[i] for i in ids)
 
 
 def train(documents: Iterable[bytes], vocab_size: int, max_word_bytes: int) -> Subword:

@@ -46,6 +46,13 @@ class Checkpointer:
             config=ocp.args.JsonSave(config),
         ), force=True)
 
+    def save_params(self, step: int, params, config: dict) -> None:
+        """Parameters alone (an imported model): evaluation, sampling and init_from read them;
+        there is no optimizer or data position to resume."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave({"params": params}), config=ocp.args.JsonSave(config)), force=True)
+        self.manager.wait_until_finished()
+
     def restore(self, step: int, abstract_state, data_iterator):
         """The train state onto the shardings in `abstract_state`; the iterator is restored in place."""
         restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -18,12 +18,13 @@ from hiermodel.data.pipeline import train_dataset
 from hiermodel.data.sources import open_split, open_train
 from hiermodel.errors import UserError
 from hiermodel.eval.score import make_score_fn, score_source
+from hiermodel.models.pretrained import backbone_params, with_backbone_from
 from hiermodel.models.registry import check_kind, model_flops, train_flops
 from hiermodel.run import TOKENIZER_FILE, compression_flops_per_byte, encoding, latest_config, open_latest
 from hiermodel.train import hardware
 from hiermodel.train import state as state_lib
 from hiermodel.train.aot import batch_shapes
-from hiermodel.train.checkpoint import Checkpointer
+from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
 from hiermodel.train.distributed import barrier, check_shared, from_process_zero
 from hiermodel.train.metrics import MetricsWriter, read_metrics
 from hiermodel.train.preemption import StopRequest
@@ -137,7 +138,7 @@ def train(config: Config, devices=None) -> dict:
     started = time.monotonic()
     # data.shards=0 means one per process: saved as the number, so that a resume on another
     # number of processes, which would read another stream, is caught.
-    config = dataclasses.replace(config, data=dataclasses.replace(
+    config = dataclasses.replace(config, model=with_backbone_from(config.model), data=dataclasses.replace(
         config.data, shards=config.data.shards or jax.process_count()))
     mesh = make_mesh(config.mesh, devices)
     validate(config, mesh)
@@ -145,6 +146,9 @@ def train(config: Config, devices=None) -> dict:
     check_shared(run_dir)
     latest = latest_config(config.run_dir)
     if latest is not None:
+        if not (checkpoint_dir(config.run_dir) / str(latest[0]) / "data").exists():
+            raise UserError(f"run_dir={config.run_dir} holds imported weights, not a training state to resume: "
+                            f"train a new run_dir with init_from={config.run_dir}")
         _check_resume(config, *latest)
     initial = _check_init_from(config) if latest is None and config.init_from else None
     data = config.data
@@ -181,6 +185,12 @@ def train(config: Config, devices=None) -> dict:
             params = source_run.restore_params(source_step, wanted)
             source_run.close()
             state = state_lib.with_params(params, tx, layout, config if adds_gate else None)
+        elif config.model.backbone_from:
+            model = config.model
+            writer.info(f"backbone from {model.backbone_from}: {model.backbone_layers} layers of width "
+                        f"{model.backbone_dim}; the byte encoder, pooling and decoder start fresh")
+            params = state_lib.place(backbone_params(model), layout.param_shardings)
+            state = state_lib.with_params(params, tx, layout, config)
         else:
             state = state_lib.initialize(config, tx, layout)
         if jax.process_index() == 0:

@@ -82,6 +82,13 @@ def initialize(config: Config, tx: optax.GradientTransformation, state_layout: S
     return jax.jit(init, out_shardings=state_layout.shardings)()
 
 
+def place(host_params: dict, shardings: dict) -> dict:
+    """Host arrays onto the shardings of the same parts of the model, each process making only
+    the shards it holds."""
+    return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index]),
+                        host_params, {k: shardings[k] for k in host_params})
+
+
 def with_params(params, tx: optax.GradientTransformation, state_layout: StateLayout, config: Config | None = None) -> dict:
     """A train state at step 0 around given parameters (continued pretraining); with `config`,
     the parts of its model that `params` lacks (a delete gate added to a trained model) start as

@@ -1,0 +1,146 @@
+"""Hugging Face Llama-family checkpoints: imported layers against the reference implementation's
+outputs (tests/fixtures/llama, written by tools/llama_reference.py with transformers), as a
+subword run and as a HAT's backbone; the tokenizer's byte accounting; export and re-import."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+from flax import nnx
+
+from conftest import micro_config
+from hiermodel import cli
+from hiermodel.config import from_dict
+from hiermodel.models import pretrained
+from hiermodel.models.layers import run_blocks
+from hiermodel.models.registry import build
+from hiermodel.run import load_params
+from hiermodel.text.pretrained_tokenizer import PretrainedTokenizer, load as load_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "llama"
+CASES = ["llama_tied", "llama_untied_bf16", "llama31_scaled", "qwen2"]
+
+
+def golden(case: str):
+    return np.load(FIXTURES / case / "golden.npz")
+
+
+def subword_logits(model, ids):
+    ids = jnp.asarray(ids)
+    return np.asarray(model({"tokens": ids, "segments": jnp.ones_like(ids)}))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_imported_checkpoint_reproduces_the_reference_logits(case):
+    settings = pretrained.model_settings(pretrained.read_config(FIXTURES / case))
+    model = build(from_dict({"model": {"kind": "subword", **settings}}).model, nnx.Rngs(0))
+    nnx.update(model, pretrained.language_model_params(pretrained.Tensors(FIXTURES / case), settings))
+    expected = golden(case)["logits"]
+    np.testing.assert_allclose(subword_logits(model, golden(case)["ids"]), expected, atol=1e-4, rtol=0)
+
+
+def test_the_fixtures_cover_what_the_issue_names():
+    configs = {case: json.loads((FIXTURES / case / "config.json").read_text()) for case in CASES}
+    assert configs["llama_tied"]["tie_word_embeddings"] and not configs["llama_untied_bf16"]["tie_word_embeddings"]
+    assert configs["llama_untied_bf16"]["num_key_value_heads"] < configs["llama_untied_bf16"]["num_attention_heads"]
+    assert configs["llama31_scaled"]["rope_scaling"]["rope_type"] == "llama3"  # the layout of Meta's releases
+    assert "rope_parameters" in configs["llama_tied"]  # the layout transformers 5 writes
+    assert configs["qwen2"]["architectures"] == ["Qwen2ForCausalLM"]
+    settings = pretrained.model_settings(configs["llama31_scaled"])
+    assert settings["rope_scaling"]["factor"] == 8.0 and settings["rope_theta"] == 500000.0
+
+
+def test_rope_scaling_changes_the_outputs_so_the_golden_test_checks_it():
+    case = "llama31_scaled"
+    settings = pretrained.model_settings(pretrained.read_config(FIXTURES / case))
+    settings["rope_scaling"] = {"factor": 0.0}
+    model = build(from_dict({"model": {"kind": "subword", **settings}}).model, nnx.Rngs(0))
+    nnx.update(model, pretrained.language_model_params(pretrained.Tensors(FIXTURES / case), settings))
+    assert np.abs(subword_logits(model, golden(case)["ids"]) - golden(case)["logits"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_hat_backbone_from_a_checkpoint_reproduces_the_reference_hidden_states(case):
+    config = micro_config(**{"model.backbone_from": FIXTURES / case})
+    model_config = pretrained.with_backbone_from(config.model)
+    hat = build(model_config, nnx.Rngs(0))
+    nnx.update(hat, pretrained.backbone_params(model_config))
+    inputs_BxTxD = jnp.asarray(golden(case)["inputs"])
+    b, t, _ = inputs_BxTxD.shape
+    positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    hidden = hat.backbone_norm(run_blocks(hat.backbone, inputs_BxTxD, positions_BxT, jnp.ones((b, t), jnp.int32)))
+    np.testing.assert_allclose(np.asarray(hidden), golden(case)["hidden"], atol=1e-4, rtol=0)
+
+
+def test_the_tokenizer_spells_every_byte_and_encodes_as_the_library_does():
+    tokenizer = load_tokenizer(FIXTURES / "llama_tied" / "tokenizer.json")
+    assert isinstance(tokenizer, PretrainedTokenizer) and tokenizer.bos_id == 0
+    text = "The quick brown fox — Čeština 日本語 <|begin_of_text|> spelled out\n"
+    ids, word_lengths = tokenizer.encode_document(text.encode(), 100)
+    library = tokenizers.Tokenizer.from_file(str(FIXTURES / "llama_tied" / "tokenizer.json"))
+    library.encode_special_tokens = True
+    assert list(ids) == library.encode(text, add_special_tokens=False).ids
+    assert (word_lengths == 1).all() and tokenizer.decode(ids) == text.encode()
+    broken = b"bytes \xff\xfe that are not UTF-8, and a cut \xe2\x82"
+    ids, _ = tokenizer.encode_document(broken, 100)
+    assert tokenizer.decode(ids) == broken and tokenizer.token_bytes[ids].sum() == len(broken)
+
+
+def test_a_tokenizer_without_exact_bytes_is_refused(tmp_path):
+    sentencepiece_like = tokenizers.Tokenizer(tokenizers.models.BPE())
+    sentencepiece_like.decoder = tokenizers.decoders.Metaspace()
+    sentencepiece_like.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(Exception, match="decoder \\(Metaspace\\) is not byte-level"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def _fixture_copy(tmp_path, case="llama_tied", **config_changes) -> Path:
+    directory = tmp_path / case
+    shutil.copytree(FIXTURES / case, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(config_changes)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"architectures": ["GemmaForCausalLM"]}, "architecture GemmaForCausalLM is not supported"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act=gelu"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type yarn"),
+    ({"sliding_window": 16}, "sliding_window=16"),
+    ({"head_dim": 16}, "head_dim=16 is not hidden_size / num_attention_heads"),
+    ({"intermediate_size": 80}, "model.layers.0.mlp.gate_proj.weight has shape (64, 32), config.json says (80, 32)"),
+])
+def test_an_unsupported_or_inconsistent_checkpoint_is_one_line_and_nothing_is_made(tmp_path, capsys, changes, message):
+    source = _fixture_copy(tmp_path, **changes)
+    code = cli.main(["import", str(source), str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_imported_run_is_scored_sampled_and_refuses_to_be_resumed(tmp_path, capsys):
+    run = tmp_path / "imported"
+    assert cli.main(["import", str(FIXTURES / "llama_tied"), str(run), "--row-tokens", "256"]) == 0
+    assert "2 layers of width 32" in capsys.readouterr().out
+    config, _, graphdef, params = load_params(str(run))
+    model = nnx.merge(graphdef, params)
+    np.testing.assert_allclose(subword_logits(model, golden("llama_tied")["ids"]), golden("llama_tied")["logits"],
+                               atol=1e-4, rtol=0)
+    text = tmp_path / "en_text.txt"
+    text.write_bytes("The quick brown fox jumps over the lazy dog. Čeština\n".encode() * 8)
+    assert cli.main(["eval", "--checkpoint", str(run), "--data", str(text), "--output-json",
+                     str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["bytes"] == text.stat().st_size and 0 < result["bpb"] < 40
+    assert cli.main(["generate", "--checkpoint", str(run), "--prompt", "The", "--max-bytes", "8"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "configs/tiny_subword.yaml", f"run_dir={run}"]) == 2
+    assert "holds imported weights" in capsys.readouterr().err
+    assert cli.main(["import", str(FIXTURES / "llama_tied"), str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
