@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import tokenizers
 from flax import nnx
+from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
 
 from conftest import micro_config
 from hiermodel import cli
@@ -144,3 +146,68 @@ def test_an_imported_run_is_scored_sampled_and_refuses_to_be_resumed(tmp_path, c
     assert "holds imported weights" in capsys.readouterr().err
     assert cli.main(["import", str(FIXTURES / "llama_tied"), str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def _micro_train(run, *overrides) -> int:
+    return cli.main(["train", str(Path(__file__).parent / "micro.yaml"), f"run_dir={run}",
+                     f"model.backbone_from={FIXTURES / 'llama_tied'}", *overrides])
+
+
+def test_a_hat_on_a_pretrained_backbone_trains_frozen_then_unfrozen_and_resumes(tmp_path):
+    from hiermodel.train.metrics import read_metrics
+
+    imported = pretrained.backbone_params(pretrained.with_backbone_from(
+        micro_config(**{"model.backbone_from": FIXTURES / "llama_tied"}).model))
+    equal = lambda params, part: all(np.array_equal(np.asarray(a), b) for a, b in
+                                     zip(jax.tree.leaves(params[part]), jax.tree.leaves(imported[part])))
+    frozen, unfrozen = tmp_path / "frozen", tmp_path / "unfrozen"
+    assert _micro_train(frozen, "train.freeze=backbone,backbone_norm", "train.steps=3",
+                        "train.checkpoint_every=3") == 0
+    config, _, _, params = load_params(str(frozen))
+    assert config.model.backbone_dim == 32 and config.model.rope_theta == 500000.0  # the checkpoint's shapes
+    assert equal(params, "backbone") and equal(params, "backbone_norm")
+    fresh = nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(config.seed)), nnx.Param))
+    assert not np.array_equal(np.asarray(params["encoder"][0]["mlp"]["w_up"]), fresh["encoder"][0]["mlp"]["w_up"])
+
+    assert _micro_train(unfrozen, f"init_from={frozen}", "train.steps=4", "train.checkpoint_every=2") == 0
+    _, _, _, params = load_params(str(unfrozen))
+    assert not equal(params, "backbone")
+    assert _micro_train(unfrozen, f"init_from={frozen}", "train.steps=6", "train.checkpoint_every=2") == 0
+    logged = read_metrics(str(unfrozen))
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["loss"]) for m in logged.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")))
+def test_any_bytes_round_trip_through_a_pretrained_tokenizer(data):
+    tokenizer = load_tokenizer(FIXTURES / "llama_tied" / "tokenizer.json")
+    ids, _ = tokenizer.encode_document(data, 100)
+    assert tokenizer.decode(ids) == data and tokenizer.token_bytes[ids].sum() == len(data)
+
+
+def test_a_subword_run_exports_to_the_llama_layout_and_imports_back_to_the_same_logits(tmp_path, capsys):
+    from hiermodel.text import subword
+    from hiermodel.data.sources import DocumentSource
+    from hiermodel.train.loop import train
+
+    documents = list(DocumentSource(["builtin:train"]).documents())[:200]
+    tokenizer_file = tmp_path / "bpe.json"
+    subword.train(documents, 300, 32).save(tokenizer_file)
+    config = micro_config(**{"model.kind": "subword", "model.vocab_size": 300, "model.tokenizer": tokenizer_file,
+                             "model.tie_embeddings": True, "data.row_words": 256, "train.steps": 2,
+                             "run_dir": tmp_path / "trained"})
+    train(config)
+    exported, reimported = tmp_path / "exported", tmp_path / "reimported"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "trained"), "--output", str(exported)]) == 0
+    written = json.loads((exported / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["tie_word_embeddings"]
+    with safe_open(exported / "model.safetensors", framework="numpy") as f:
+        assert "model.layers.1.mlp.down_proj.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    assert cli.main(["import", str(exported), str(reimported), "--row-tokens", "256"]) == 0
+    ids = np.random.default_rng(0).integers(0, 300, (2, 40))
+    logits = [subword_logits(nnx.merge(graphdef, params), ids)
+              for _, _, graphdef, params in map(load_params, (str(tmp_path / "trained"), str(reimported)))]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5, rtol=0)
+    assert isinstance(load_tokenizer(reimported / "tokenizer.json"), subword.Subword)  # its own BPE, words and all
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "trained"), "--output", str(exported)]) == 2
+    assert "not empty" in capsys.readouterr().err

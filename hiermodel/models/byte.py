@@ -24,7 +24,9 @@ class TransformerLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, window: int, rngs: nnx.Rngs):
         self.cfg, self.window = cfg, window
-        self.embed = param(rngs, (vocab_size, cfg.backbone_dim), ("vocab", "embed"), fan_in=1)
+        # Tied, the embedding is also the output layer, whose logits need weights of 1/sqrt(width).
+        self.embed = param(rngs, (vocab_size, cfg.backbone_dim), ("vocab", "embed"),
+                           fan_in=cfg.backbone_dim if cfg.tie_embeddings else 1)
         self.blocks = nnx.List([backbone_block(cfg, rngs) for _ in range(cfg.backbone_layers)])
         self.norm = RMSNorm(cfg.backbone_dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
