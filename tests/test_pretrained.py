@@ -211,3 +211,24 @@ def test_a_subword_run_exports_to_the_llama_layout_and_imports_back_to_the_same_
     assert isinstance(load_tokenizer(reimported / "tokenizer.json"), subword.Subword)  # its own BPE, words and all
     assert cli.main(["export", "--checkpoint", str(tmp_path / "trained"), "--output", str(exported)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+LLAMA_3_2_1B = {  # the published config.json of Llama 3.2 1B (the shapes; no weights needed)
+    "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "head_dim": 64,
+    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+}
+
+
+def test_the_llama_backbone_config_states_the_checkpoints_shapes(tmp_path):
+    import dataclasses
+
+    from hiermodel.config import load
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2_1B))
+    stated = load(Path(__file__).parents[1] / "configs" / "hat_llama3.2_1b.yaml").model
+    model = dataclasses.replace(stated, backbone_from=str(tmp_path))
+    assert pretrained.with_backbone_from(model) == model
+    assert pretrained.with_backbone_from(dataclasses.replace(model, backbone_layers=4)) == model

@@ -125,9 +125,13 @@ def _check_init_from(config: Config) -> tuple[int, bool]:
     source_run, source_step, source_config = open_latest(config.init_from)
     source_run.close()
     source_model = from_dict(source_config).model
-    if _ungated(source_model, config.model.gate) != config.model:
-        raise UserError(f"init_from={config.init_from}: its model config differs from this run's (a delete "
-                        f"gate, model.gate, is the one thing a continued run may add)")
+    # The tokenizer is the source run's own copy whatever model.tokenizer names (run.tokenizer_path).
+    expected = dataclasses.replace(_ungated(source_model, config.model.gate), tokenizer=config.model.tokenizer)
+    if expected != config.model:
+        differences = _differences(dataclasses.asdict(expected), dataclasses.asdict(config.model), "model.")
+        raise UserError(f"init_from={config.init_from}: its model config differs from this run's "
+                        f"({'; '.join(differences[:3])}); a delete gate, model.gate, is the one thing a continued "
+                        f"run may add")
     return source_step, bool(config.model.gate.layer) and not source_model.gate.layer
 
 
