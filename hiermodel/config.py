@@ -166,8 +166,10 @@ def _coerce(value, annotation, where: str):
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # an override: a,b or [a, b]; [] is empty
+            text = value.strip()
+            text = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+            value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_type, where) for v in value]

@@ -17,6 +17,8 @@ def test_overrides_reach_typed_fields():
     assert config.run_dir == "/tmp/x" and config.train.steps == 7
     assert config.data.train == ["a.txt", "b/"] and config.data.eval == ["c.jsonl"]
     assert config.train.learning_rate == 1e-4 and config.model.remat == "full"
+    listed = config_lib.load(CONFIGS / "tiny.yaml", ["train.freeze=[encoder, decoder]", "data.eval=[]"])
+    assert listed.train.freeze == ["encoder", "decoder"] and listed.data.eval == []
 
 
 def test_bad_keys_and_values_are_named(tmp_path):
