@@ -232,3 +232,25 @@ def test_the_llama_backbone_config_states_the_checkpoints_shapes(tmp_path):
     model = dataclasses.replace(stated, backbone_from=str(tmp_path))
     assert pretrained.with_backbone_from(model) == model
     assert pretrained.with_backbone_from(dataclasses.replace(model, backbone_layers=4)) == model
+
+
+def test_a_checkpoint_sharded_over_files_reads_as_one(tmp_path):
+    from safetensors.numpy import save_file
+
+    case = "llama_untied_bf16"
+    source = tmp_path / case
+    source.mkdir()
+    shutil.copy(FIXTURES / case / "config.json", source)
+    with safe_open(FIXTURES / case / "model.safetensors", framework="numpy") as f:
+        names = sorted(f.keys())
+        halves = [{n: f.get_tensor(n) for n in names[:len(names) // 2]}, {n: f.get_tensor(n) for n in names[len(names) // 2:]}]
+    weight_map = {}
+    for i, half in enumerate(halves):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file(half, source / file)
+        weight_map.update({name: file for name in half})
+    (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    settings = pretrained.model_settings(pretrained.read_config(source))
+    model = build(from_dict({"model": {"kind": "subword", **settings}}).model, nnx.Rngs(0))
+    nnx.update(model, pretrained.language_model_params(pretrained.Tensors(source), settings))
+    np.testing.assert_allclose(subword_logits(model, golden(case)["ids"]), golden(case)["logits"], atol=1e-4, rtol=0)
