@@ -46,3 +46,15 @@ def run_cli(*args, env=None, timeout=600):
     full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "hiermodel.cli", *map(str, args)], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# The slowest files first (longest-processing-time-first over the xdist workers, --dist=loadfile with
+# --no-loadscope-reorder): a long file started last would run on alone after the other worker is done.
+SLOWEST_FIRST = ["test_multihost.py", "test_object_storage.py", "test_gates.py", "test_generate.py",
+                 "test_sharding.py", "test_cli.py", "test_compress.py", "test_compare.py", "test_integer_lm.py",
+                 "test_gate_controller.py", "test_config.py", "test_aot.py", "test_model.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
