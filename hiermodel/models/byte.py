@@ -89,12 +89,12 @@ def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | Non
     """Matmul FLOPs of the backbone-shaped stack over `length` positions; with a gate, its layers
     after the gate compute every position (soft deletion) and attend densely, so counted; with
     causal_pairs they count the pairs their mask keeps, window included."""
-    block = lambda w: block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
-                                  cfg.backbone_mlp_dim, w, recompute, causal_pairs)
+    block = lambda w, attention: block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
+                                             cfg.backbone_mlp_dim, w, recompute, causal_pairs, attention)
     gated = cfg.backbone_layers - cfg.gate.layer if cfg.gate.layer else 0
     gate = gate_flops(cfg.backbone_dim, length) if gated and recompute is None else 0
     gated_window = window if causal_pairs else 0
-    return (cfg.backbone_layers - gated) * block(window) + gated * block(gated_window) + gate
+    return (cfg.backbone_layers - gated) * block(window, cfg.attention) + gated * block(gated_window, "xla") + gate
 
 
 class ByteLM(TransformerLM):

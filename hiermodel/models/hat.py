@@ -189,7 +189,7 @@ def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: 
     with `recompute` (a model.remat value), only what the backward pass computes again;
     causal_pairs: attention over the kept pairs only (see block_flops)."""
     byte_block = block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
-                             cfg.byte_window, recompute, causal_pairs)
+                             cfg.byte_window, recompute, causal_pairs, cfg.attention)
     backbone = stack_flops(cfg, row_words, 0, recompute, causal_pairs)
     # Inside the decoder's blocks; a remat never recomputes it (its result only feeds a sum).
     conditioning = 2 * row_tokens * cfg.backbone_dim * cfg.byte_dim if recompute is None else 0

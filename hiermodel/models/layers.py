@@ -5,11 +5,13 @@ the mesh. Layers compute in the dtype of their inputs; softmax and norms run in 
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hiermodel.models.splash import computed_pairs, splash_attention, supports as splash_supports
 from hiermodel.sharding import constrain
 
 LOCAL_BLOCK = 64  # query block of sliding-window attention
@@ -155,23 +157,58 @@ def fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: in
 
 
 # model.attention: "xla" is this file's attention (block-local when windowed, so it computes
-# and is counted as T x window); "cudnn" is the fused kernel, GPU only, in 16-bit.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# and is counted as T x window); "cudnn" is the fused kernel, GPU only, in 16-bit; "splash" the
+# Pallas kernel of models/splash.py (TPU; interpreted elsewhere). auto: splash on TPU, cudnn on
+# a GPU in 16-bit, else xla.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
-def resolve_attention(setting: str, dtype) -> str:
-    if setting == "auto":
-        fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if fused else "xla"
-    return setting
+def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
+    """The implementation `setting` means on `platform` (default: JAX's default backend)."""
+    if setting != "auto":
+        return setting
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return "splash"
+    return "cudnn" if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int):
+    """This file's attention: block-local over long windowed rows, else dense; [B, T, H, Dh]."""
+    b, t, h, dh = q_BxTxHxDh.shape
+    kv = k_BxTxKxDh.shape[2]
+    q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, kv, h // kv, dh)
+    if uses_local_attention(t, window):
+        out = local_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, LOCAL_BLOCK)
+    else:
+        out = dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
+    return out.reshape(b, t, h, dh)
+
+
+def attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, setting: str):
+    """Causal attention within segments (windowed if window > 0) by the implementation `setting`
+    names; auto and splash choose per platform when the program is lowered, so a step compiled
+    ahead of time for a TPU gets the kernel on any host."""
+    if resolve_attention(setting, q_BxTxHxDh.dtype) == "cudnn":
+        return fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, "cudnn")
+    if setting not in ("auto", "splash") or not splash_supports(q_BxTxHxDh.shape[1]):
+        return xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
+    elsewhere = (functools.partial(splash_attention, window=window, interpret=True) if setting == "splash"
+                 else functools.partial(xla_attention, window=window))
+    return jax.lax.platform_dependent(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT,
+                                      tpu=functools.partial(splash_attention, window=window, interpret=False),
+                                      default=elsewhere)
 
 
 def uses_local_attention(length: int, window: int) -> bool:
     return bool(window) and length > window + LOCAL_BLOCK
 
 
-def attention_score_pairs(length: int, window: int) -> int:
-    """Query-key pairs the attention of one row of `length` computes, masked ones included."""
+def attention_score_pairs(length: int, window: int, implementation: str = "xla") -> int:
+    """Query-key pairs the attention of one row of `length` computes, masked ones included
+    (the splash kernel skips the blocks its mask empties)."""
+    if implementation == "splash" and splash_supports(length):
+        return computed_pairs(length, window)
     if not uses_local_attention(length, window):
         return length * length
     blocks = -(-length // LOCAL_BLOCK)
@@ -215,18 +252,13 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD, positions_BxT, segments_BxT, window: int = 0, gates: "KeyGates | None" = None):
         q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = self._project(x_BxTxD, positions_BxT)
         b, t, h, dh = q_BxTxHxDh.shape
-        if gates is None and resolve_attention(self.implementation, x_BxTxD.dtype) == "cudnn":
-            out = fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, "cudnn")
-            return jnp.einsum("bthk,hkd->btd", out, self.wo[...])
-        kv = k_BxTxKxDh.shape[2]
-        q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, kv, h // kv, dh)
-        if gates is not None:
-            out = gated_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, positions_BxT, segments_BxT, window, gates)
-        elif uses_local_attention(t, window):
-            out = local_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, LOCAL_BLOCK)
+        if gates is None:
+            out_BxTxHxDh = attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, self.implementation)
         else:
-            out = dense_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
-        return jnp.einsum("bthk,hkd->btd", out.reshape(b, t, h, dh), self.wo[...])
+            kv = k_BxTxKxDh.shape[2]
+            out_BxTxHxDh = gated_attention(q_BxTxHxDh.reshape(b, t, kv, h // kv, dh), k_BxTxKxDh, v_BxTxKxDh,
+                                           positions_BxT, segments_BxT, window, gates).reshape(b, t, h, dh)
+        return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.wo[...])
 
     def extend(self, x_BxSxD, positions_BxS, cache: dict, window: int = 0, gates: "KeyGates | None" = None):
         """Attention of S new positions (one document per row, each row at its own positions)
@@ -353,11 +385,11 @@ def run_blocks(blocks, x_BxTxD, *args, remat: str = "none", scan: bool = False):
 
 
 def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, window: int = 0,
-                recompute: str | None = None, causal_pairs: bool = False) -> int:
+                recompute: str | None = None, causal_pairs: bool = False, attention: str = "xla") -> int:
     """Matmul FLOPs of one Block's forward over one row of `length` positions, as computed; with
     `recompute` (a model.remat value), only what the backward pass computes again. causal_pairs:
     attention over only the query-key pairs the causal mask and window keep, each once (model
-    FLOPs), instead of every pair the kernel computes."""
+    FLOPs), instead of every pair the kernel computes (attention: the resolved model.attention)."""
     head_dim = dim // heads
     inputs = dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 2 * dim * mlp_dim  # q, k, v, gate, up
     outputs = heads * head_dim * dim + mlp_dim * dim  # attention and MLP out: their results feed only sums
@@ -365,7 +397,7 @@ def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, 
         reach = min(window or length, length)
         pairs = length * reach - reach * (reach - 1) // 2
     else:
-        pairs = attention_score_pairs(length, window)
+        pairs = attention_score_pairs(length, window, attention)
     scores_and_values = 2 * 2 * heads * head_dim * pairs
     if recompute is None:
         return 2 * (inputs + outputs) * length + scores_and_values

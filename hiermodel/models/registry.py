@@ -6,12 +6,14 @@ row of the configured shape (embedding lookups and elementwise work are not coun
 hardware computes them or, with causal_pairs, as the model needs them.
 """
 
+import dataclasses
+
 from flax import nnx
 
 from hiermodel.config import ModelConfig
 from hiermodel.errors import UserError
 from hiermodel.models import byte, eiw, hat, subword
-from hiermodel.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from hiermodel.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, resolve_attention
 
 KINDS = {
     "hat": (hat.HAT, hat.forward_flops),
@@ -53,16 +55,22 @@ def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return KINDS[config.kind][0](config, rngs)
 
 
-def forward_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
-    """Matmul FLOPs of one row's forward pass (inference)."""
-    return KINDS[config.kind][1](config, row_tokens, row_words)
+def _resolved(config: ModelConfig, platform: str | None) -> ModelConfig:
+    """The config with model.attention as it runs on `platform` (its FLOPs depend on it)."""
+    return dataclasses.replace(config, attention=resolve_attention(config.attention, config.compute_dtype, platform))
 
 
-def train_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:
+def forward_flops(config: ModelConfig, row_tokens: int, row_words: int, platform: str | None = None) -> int:
+    """Matmul FLOPs of one row's forward pass (inference) on `platform` (default: JAX's backend)."""
+    return KINDS[config.kind][1](_resolved(config, platform), row_tokens, row_words)
+
+
+def train_flops(config: ModelConfig, row_tokens: int, row_words: int, platform: str | None = None) -> int:
     """Hardware matmul FLOPs of one row's training step (for HFU): the backward pass costs two
-    forwards, plus what the remat policy computes again; attention counts every pair computed."""
-    recomputed = KINDS[config.kind][1](config, row_tokens, row_words, config.remat)
-    return 3 * forward_flops(config, row_tokens, row_words) + recomputed
+    forwards, plus what the remat policy computes again; attention counts every pair its
+    implementation on `platform` computes."""
+    recomputed = KINDS[config.kind][1](_resolved(config, platform), row_tokens, row_words, config.remat)
+    return 3 * forward_flops(config, row_tokens, row_words, platform) + recomputed
 
 
 def model_flops(config: ModelConfig, row_tokens: int, row_words: int) -> int:

@@ -79,7 +79,7 @@ def compile_report(config: Config, devices: list) -> dict:
     mesh = make_mesh(config.mesh, devices)
     kind = devices[0].device_kind
     shape = config.model, config.data.row_tokens, config.data.row_words
-    step_flops = config.train.batch_size * train_flops(*shape)
+    step_flops = config.train.batch_size * train_flops(*shape, platform=devices[0].platform)
     step_model_flops = config.train.batch_size * model_flops(*shape)
     capacity = DEVICE_MEMORY.get(kind)
     report = {"devices": len(devices), "device_kind": kind, "mesh": dict(mesh.shape),

@@ -305,7 +305,8 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
           mesh, m1_per_byte, clock):
     t = config.train
     shape = (config.model, config.data.row_tokens, config.data.row_words)
-    step_model_flops, step_hardware_flops = t.batch_size * model_flops(*shape), t.batch_size * train_flops(*shape)
+    step_model_flops = t.batch_size * model_flops(*shape)
+    step_hardware_flops = t.batch_size * train_flops(*shape, mesh.devices.flat[0].platform)
     start = int(state["step"])
     stop = StopRequest()
     writer.begin(start)

@@ -1,0 +1,96 @@
+"""The Pallas splash attention path (models/splash.py), run by Pallas' interpreter on CPU,
+against this codebase's XLA attention; and the TPU program compiled ahead of time."""
+
+import dataclasses
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hiermodel.models import splash
+from hiermodel.models.layers import attention_score_pairs, xla_attention
+from hiermodel.models.registry import build, model_flops, train_flops
+from hiermodel.sharding import make_mesh
+from hiermodel.config import MeshConfig
+from tests.conftest import micro_config
+
+LENGTH = 256  # two 128-position blocks
+
+
+def packed_inputs(dtype, heads: int, kv_heads: int, seed: int = 0):
+    """A row packed with many short documents (1 to 40 positions) and trailing padding."""
+    rng = np.random.default_rng(seed)
+    segments = np.zeros((1, LENGTH), np.int32)
+    at, segment = 0, 1
+    while at < LENGTH - 30:
+        length = int(rng.integers(1, 41))
+        segments[0, at:at + length] = segment
+        at, segment = at + length, segment + 1
+    shape = lambda h: (1, LENGTH, h, 8)
+    q, k, v = (jnp.asarray(rng.normal(size=shape(h)), dtype) for h in (heads, kv_heads, kv_heads))
+    return q, k, v, jnp.asarray(segments)
+
+
+# No window; one within a block; one across blocks. Grouped-query and multi-head attention.
+@pytest.mark.parametrize("window, heads, kv_heads", [(0, 4, 2), (48, 2, 2), (200, 4, 2)])
+def test_the_kernel_equals_xla_attention_forward_and_backward(window, heads, kv_heads):
+    q, k, v, segments = packed_inputs(jnp.float32, heads, kv_heads)
+    weights = jnp.cos(jnp.arange(8.0))
+    loss = lambda f: (lambda q, k, v: (f(q, k, v, segments, window) * weights).sum())
+    kernel = jax.jit(lambda *a: splash.splash_attention(*a, interpret=True), static_argnums=4)
+    np.testing.assert_allclose(kernel(q, k, v, segments, window), xla_attention(q, k, v, segments, window), atol=2e-6)
+    grads = jax.jit(jax.grad(loss(lambda *a: splash.splash_attention(*a, interpret=True)), argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.grad(loss(xla_attention), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_the_kernel_in_bfloat16_stays_within_its_rounding():
+    q, k, v, segments = packed_inputs(jnp.bfloat16, 4, 2)
+    got = jax.jit(lambda *a: splash.splash_attention(*a, 48, interpret=True))(q, k, v, segments)
+    want = xla_attention(q, k, v, segments, 48)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=0.05)
+
+
+def test_a_hat_with_the_kernel_on_an_eight_device_mesh_equals_the_xla_one():
+    config = micro_config(**{"model.attention": "splash", "data.row_tokens": 256, "data.row_words": 128})
+    hat = build(config.model, nnx.Rngs(0))
+    graphdef, params = nnx.split(hat)
+    xla_graphdef, _ = nnx.split(build(dataclasses.replace(config.model, attention="xla"), nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (8, 256)).astype(np.int32)
+    words = np.minimum(np.arange(256) // 3, 127)[None].repeat(8, 0).astype(np.int32)
+    batch = {"tokens": tokens, "segments": np.ones_like(tokens), "words": words,
+             "word_segments": np.ones((8, 128), np.int32)}
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+        run = lambda g: jax.jit(lambda p, b: nnx.merge(g, p)(b))(params, sharded)
+        np.testing.assert_allclose(run(graphdef), run(xla_graphdef), atol=2e-4)
+
+
+def test_the_hardware_count_skips_the_blocks_the_kernel_skips():
+    assert splash.block_size(16384) == 512 and splash.block_size(384) == 128 and splash.block_size(512) == 256
+    assert not splash.supports(100)
+    assert attention_score_pairs(100, 0, "splash") == 100 * 100  # the XLA attention's
+    n = 16384 // 512
+    assert attention_score_pairs(16384, 0, "splash") == n * (n + 1) // 2 * 512 * 512
+    # A 768-byte window reaches the diagonal block and two or three below it, never four.
+    assert attention_score_pairs(16384, 768, "splash") == (n + (n - 1) + (n - 2)) * 512 * 512
+    config = micro_config(**{"data.row_tokens": 16384, "data.row_words": 4096, "model.byte_window": 768})
+    shape = (config.model, 16384, 4096)
+    assert model_flops(*shape) < train_flops(*shape, platform="tpu") < train_flops(*shape, platform="cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_a_step_compiled_for_tpu_runs_the_kernel_with_auto():
+    from hiermodel.train.aot import compile_train_step, target_devices
+
+    config = micro_config(**{"mesh.data": 1, "mesh.fsdp": -1, "train.batch_size": 8, "data.row_words": 128})
+    assert config.model.attention == "auto"
+    compiled = compile_train_step(config, make_mesh(config.mesh, target_devices("v5p-8")))
+    assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, in the forward and backward
