@@ -54,6 +54,7 @@ def test_the_compiled_step_holds_exactly_its_shard_of_state_and_batch(target):
     assert report["aliased_bytes"] > 0  # the donated state is updated in place
     assert report["peak_bytes"] >= report["arguments_bytes"]
     assert 0 < report["model_flops_per_step"] < report["train_flops_per_step"]
+    assert report["compiler_flops"] > 0 and report["bytes_accessed"] > 0  # the compiler's cost model
     if target.startswith("v5p"):
         assert report["device_kind"] == "TPU v5" and report["fits"] is True
 

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
                   f"{r['row_tokens']} in {r['grad_accum']} microbatches: per device {_gib(r['peak_bytes'])} peak of {_gib(r['device_memory_bytes'])} "
                   f"({verdict}; state+batch {_gib(r['arguments_bytes'])}, temporaries "
                   f"{_gib(r['temporaries_bytes'])}); {r['train_flops_per_device']:.3e} hardware "
-                  f"({r['model_flops_per_device']:.3e} model) FLOPs per device per step; "
+                  f"({r['model_flops_per_device']:.3e} model) FLOPs per device per step; the compiler's cost "
+                  f"model: {r['compiler_flops'] or 0:.3e} FLOPs, {r['bytes_accessed'] or 0:.3e} bytes accessed; "
                   f"compiled in {r['compile_seconds']:.0f}s", flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

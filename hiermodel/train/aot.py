@@ -88,7 +88,8 @@ def compile_report(config: Config, devices: list) -> dict:
               "train_flops_per_step": step_flops, "train_flops_per_device": step_flops / len(devices),
               "model_flops_per_step": step_model_flops, "model_flops_per_device": step_model_flops / len(devices)}
     try:
-        memory = compile_train_step(config, mesh).memory_analysis()
+        compiled = compile_train_step(config, mesh)
+        memory = compiled.memory_analysis()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -96,6 +97,9 @@ def compile_report(config: Config, devices: list) -> dict:
         return {**report, "fits": False, "error": str(e).splitlines()[0]}
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes)
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost  # the compiler's estimate for one device's program
+    report.update(compiler_flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"))
     return {**report, "arguments_bytes": memory.argument_size_in_bytes, "outputs_bytes": memory.output_size_in_bytes,
             "aliased_bytes": memory.alias_size_in_bytes, "temporaries_bytes": memory.temp_size_in_bytes,
             "peak_bytes": peak, "fits": None if capacity is None else peak <= capacity}
