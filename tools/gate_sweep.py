@@ -1,38 +1,53 @@
-"""Bits per byte against deletion rate: train a gated config at several targets (and without a
-gate, and with random deletion), then score each on the held-out documents with hard and soft
-deletion, timing evaluation. Writes results.json and sweep.md in the output directory.
+"""Bits per byte against deletion rate, over corpora and seeds: train a gated config without a
+gate, at each target and with random deletion, for every corpus and seed; score each on the
+held-out documents with hard (and soft) deletion. Writes results.json, sweep.md (every run) and
+summary.md (mean and spread over seeds, per corpus) in the output directory. A run whose
+result.json exists is not repeated, so an interrupted sweep continues where it stopped.
 
-    python tools/gate_sweep.py CONFIG --output DIR [--targets 0.3,0.5] [--random 0.5] [key=value ...]
+    python tools/gate_sweep.py CONFIG --output DIR [--targets 0.3,0.5] [--random 0.5]
+        [--seeds 0,1,2] [--corpus NAME=PATTERN[,PATTERN...] ...] [--no-soft] [key=value ...]
+
+Each --corpus sets data.train and data.eval to its patterns (the config's holdout then picks the
+held-out documents); without one, the config's data is the only corpus.
 """
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 from hiermodel import config as config_lib
 from hiermodel.errors import UserError
 
+# MrT5's bar for a useful gate: at least this share of the positions deleted ...
+MIN_DELETION = 0.40
+# ... for at most this relative increase of bits per byte.
+MAX_COST = 0.03
 
-def _runs(config_path: str, overrides: list[str], output: Path, targets: list[float], random: list[float]):
-    """(name, config) of every run: no gate, each target, each random-deletion rate."""
+
+def _variants(targets: list[float], random: list[float]) -> list[tuple[str, list[str]]]:
     variants = [("no gate", ["model.gate.layer=0"])]
     variants += [(f"learned {t:g}", [f"model.gate.target={t}"]) for t in targets]
     variants += [(f"random {r:g}", [f"model.gate.target={r}", "model.gate.mode=random"]) for r in random]
-    for name, extra in variants:
-        run_dir = output / name.replace(" ", "_")
-        yield name, config_lib.load(config_path, [*overrides, *extra, f"run_dir={run_dir}"])
+    return variants
+
+
+def _corpus(spec: str) -> tuple[str, list[str]]:
+    name, sep, patterns = spec.partition("=")
+    if not sep or not name or not patterns:
+        raise UserError(f"--corpus {spec!r}: expected NAME=PATTERN[,PATTERN...]")
+    return name, [f"data.train=[{patterns}]", f"data.eval=[{patterns}]"]
 
 
 def _score(config, deletion: str) -> dict:
     import jax
 
-    from hiermodel.run import encoding
     from hiermodel.data.sources import open_split
     from hiermodel.eval.score import make_score_fn, score_source
-    from hiermodel.train import state as state_lib
-    from hiermodel.run import open_latest
+    from hiermodel.run import encoding, open_latest
     from hiermodel.sharding import make_mesh
+    from hiermodel.train import state as state_lib
 
     mesh = make_mesh(config.mesh)
     checkpointer, step, _ = open_latest(config.run_dir)
@@ -58,55 +73,130 @@ def training_rate(run_dir) -> dict | None:
     return {"mean": sum(rates) / len(rates), "min": min(rates), "max": max(rates)} if rates else None
 
 
+def _rate(entry: dict) -> str:
+    return f"{entry['deletion_rate']:.1%}" if "deletion_rate" in entry else "-"
+
+
 def markdown(results: list[dict]) -> str:
-    languages = sorted(results[0]["hard"]["per_language"])
-    lines = ["| run | target | bpb (hard) | bpb (soft) | deleted (hard) | deleted (soft) | deleted in training "
+    """Every run: bits per byte, deletion overall and per language, overflow, eval speed."""
+    languages = sorted({lang for r in results for lang in r["hard"]["per_language"]})
+    lines = ["| corpus | seed | run | bpb (hard) | bpb (soft) | deleted (hard) | deleted (soft) | deleted in training "
              "(2nd half: mean, min-max) | overflow | positions after gate | "
-             + " | ".join(f"deleted {lang}" for lang in languages) + " | eval bytes/s (hard) | eval bytes/s (soft) |",
-             "|---" * (11 + len(languages)) + "|"]
+             + " | ".join(f"deleted {lang}" for lang in languages) + " | eval bytes/s (hard) |",
+             "|---" * (12 + len(languages)) + "|"]
     for r in results:
-        hard, soft = r["hard"], r["soft"]
-        rate = lambda entry: f"{entry['deletion_rate']:.1%}" if "deletion_rate" in entry else "-"
-        per_language = " | ".join(rate(hard["per_language"][lang]) for lang in languages)
+        hard, soft = r["hard"], r.get("soft")
+        per_language = " | ".join(_rate(hard["per_language"][lang]) if lang in hard["per_language"] else "-"
+                                  for lang in languages)
         overflow = f"{hard['overflow_rate']:.2%}" if "overflow_rate" in hard else "-"
         computed = f"{hard['positions_after_gate']:.1%}" if "positions_after_gate" in hard else "100%"
         t = r.get("training_rate")
         trained = f"{t['mean']:.1%} ({t['min']:.1%}-{t['max']:.1%})" if t else "-"
-        lines.append(f"| {r['name']} | {r['target']} | {hard['bpb']:.4f} | {soft['bpb']:.4f} | {rate(hard)} | "
-                     f"{rate(soft)} | {trained} | {overflow} | {computed} | {per_language} | {hard['bytes_per_s']:,.0f} | "
-                     f"{soft['bytes_per_s']:,.0f} |")
+        soft_bpb = f"{soft['bpb']:.4f}" if soft else "-"
+        lines.append(f"| {r['corpus']} | {r['seed']} | {r['name']} | {hard['bpb']:.4f} | {soft_bpb} | {_rate(hard)} | "
+                     f"{_rate(soft) if soft else '-'} | {trained} | {overflow} | {computed} | {per_language} | "
+                     f"{hard['bytes_per_s']:,.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """mean ± sample standard deviation (just the mean for one value)."""
+    mean = statistics.fmean(values)
+    return format(mean, fmt) + (f" ± {format(statistics.stdev(values), fmt.lstrip('+'))}" if len(values) > 1 else "")
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per corpus and variant, over seeds: bits per byte, deletion (held out, hard), the relative
+    cost against no gate and the difference to random deletion at the same rate, both paired by seed."""
+    by_key = {(r["corpus"], r["seed"], r["name"]): r for r in results}
+    rows = []
+    for corpus in dict.fromkeys(r["corpus"] for r in results):
+        for name in dict.fromkeys(r["name"] for r in results if r["corpus"] == corpus):
+            runs = [r for r in results if r["corpus"] == corpus and r["name"] == name]
+            row = {"corpus": corpus, "name": name, "seeds": [r["seed"] for r in runs],
+                   "bpb": [r["hard"]["bpb"] for r in runs],
+                   "deleted": [r["hard"].get("deletion_rate", 0.0) for r in runs]}
+            base = [by_key.get((corpus, r["seed"], "no gate")) for r in runs]
+            if name != "no gate" and all(base):
+                row["cost"] = [r["hard"]["bpb"] / b["hard"]["bpb"] - 1 for r, b in zip(runs, base)]
+            if name.startswith("learned"):
+                rate = name.split()[1]
+                random = [by_key.get((corpus, r["seed"], f"random {rate}")) for r in runs]
+                if all(random):
+                    row["vs_random"] = [r["hard"]["bpb"] - q["hard"]["bpb"] for r, q in zip(runs, random)]
+            rows.append(row)
+    return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| corpus | run | seeds | bpb (hard) | deleted, held out | Δbpb vs no gate | learned − random (bpb) | "
+             "MrT5's bar |", "|---" * 8 + "|"]
+    for row in rows:
+        cost = _spread([100 * c for c in row["cost"]], "+.2f") + "%" if "cost" in row else "-"
+        vs_random = _spread(row["vs_random"], "+.4f") if "vs_random" in row else "-"
+        bar = "-"
+        if "cost" in row and row["name"].startswith("learned"):
+            met = (statistics.fmean(row["deleted"]) >= MIN_DELETION and statistics.fmean(row["cost"]) <= MAX_COST)
+            bar = "met" if met else "not met"
+        lines.append(f"| {row['corpus']} | {row['name']} | {len(row['seeds'])} | {_spread(row['bpb'], '.4f')} | "
+                     f"{_spread([100 * d for d in row['deleted']], '.1f')}% | {cost} | {vs_random} | {bar} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
+    from hiermodel.train.loop import train
+
+    done = Path(config.run_dir) / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    print(f"== {corpus}, seed {seed}, {name}: training {config.run_dir}", file=sys.stderr, flush=True)
+    logged = train(config)
+    result = {"corpus": corpus, "seed": seed, "name": name,
+              "target": config.model.gate.target if config.model.gate.layer else 0.0,
+              "train": logged, "hard": _score(config, "hard"), "training_rate": training_rate(config.run_dir)}
+    if soft:
+        result["soft"] = _score(config, "soft")
+    done.write_text(json.dumps(result, indent=2))
+    print(f"== {corpus}, seed {seed}, {name}: bpb {result['hard']['bpb']:.4f}", file=sys.stderr, flush=True)
+    return result
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", help="key=value, for every run")
     p.add_argument("--output", required=True)
     p.add_argument("--targets", default="0.3,0.5", help="learned gates at these deletion targets")
     p.add_argument("--random", default="", help="random deletion at these rates (the baseline)")
+    p.add_argument("--seeds", default="0", help="seeds (initialisation and data order)")
+    p.add_argument("--corpus", action="append", default=[], help="NAME=PATTERN[,PATTERN...]; repeatable")
+    p.add_argument("--no-soft", dest="soft", action="store_false", help="score hard deletion only")
     args = p.parse_intermixed_args(argv)
-    from hiermodel.train.loop import train
-
     try:
         targets = [float(t) for t in args.targets.split(",") if t]
         random = [float(r) for r in args.random.split(",") if r]
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        corpora = [_corpus(spec) for spec in args.corpus] or [("config", [])]
         output = Path(args.output)
+        planned = []
+        for corpus, data in corpora:
+            for seed in seeds:
+                for name, extra in _variants(targets, random):
+                    run_dir = output / (corpus if len(corpora) > 1 else "") / (f"seed{seed}" if len(seeds) > 1 else "") \
+                        / name.replace(" ", "_")
+                    overrides = [*args.overrides, *data, *extra, f"seed={seed}", f"run_dir={run_dir}"]
+                    planned.append((corpus, seed, name, config_lib.load(args.config, overrides)))
         results = []
-        for name, config in _runs(args.config, args.overrides, output, targets, random):
-            print(f"== {name}: training {config.run_dir}", file=sys.stderr, flush=True)
-            logged = train(config)
-            hard, soft = _score(config, "hard"), _score(config, "soft")
-            target = config.model.gate.target if config.model.gate.layer else 0.0
-            results.append({"name": name, "target": target, "train": logged, "hard": hard, "soft": soft,
-                            "training_rate": training_rate(config.run_dir)})
+        for corpus, seed, name, config in planned:  # every config loads (and fails) before any training
+            results.append(_run(config, corpus, seed, name, args.soft))
+            output.mkdir(parents=True, exist_ok=True)
             (output / "results.json").write_text(json.dumps(results, indent=2))
             (output / "sweep.md").write_text(markdown(results))
-            print(f"== {name}: bpb hard {hard['bpb']:.4f}, soft {soft['bpb']:.4f}", file=sys.stderr, flush=True)
+            (output / "summary.md").write_text(summary_markdown(summarize(results)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown(results))
+    print(summary_markdown(summarize(results)))
     return 0
 
 

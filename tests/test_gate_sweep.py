@@ -1,0 +1,45 @@
+import pytest
+
+from tools import fetch_corpora, gate_sweep
+
+
+def _result(corpus, seed, name, bpb, deleted=None):
+    hard = {"bpb": bpb, "per_language": {}, "bytes_per_s": 1.0}
+    if deleted is not None:
+        hard["deletion_rate"] = deleted
+    return {"corpus": corpus, "seed": seed, "name": name, "hard": hard}
+
+
+def test_summary_pairs_each_seed_with_its_own_baselines():
+    results = [_result("en", 0, "no gate", 2.0), _result("en", 0, "learned 0.5", 2.04, 0.5),
+               _result("en", 0, "random 0.5", 2.10, 0.5),
+               _result("en", 1, "no gate", 3.0), _result("en", 1, "learned 0.5", 3.03, 0.44),
+               _result("en", 1, "random 0.5", 3.06, 0.5),
+               _result("fi", 0, "no gate", 4.0), _result("fi", 0, "learned 0.5", 4.4, 0.3)]
+    rows = {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}
+    learned = rows["en", "learned 0.5"]
+    assert learned["cost"] == pytest.approx([0.02, 0.01])
+    assert learned["vs_random"] == pytest.approx([-0.06, -0.03])
+    assert rows["en", "random 0.5"]["cost"] == pytest.approx([0.05, 0.02])
+    assert "cost" not in rows["en", "no gate"] and "vs_random" not in rows["fi", "learned 0.5"]
+    table = gate_sweep.summary_markdown(gate_sweep.summarize(results))
+    en_line = next(line for line in table.splitlines() if line.startswith("| en | learned"))
+    fi_line = next(line for line in table.splitlines() if line.startswith("| fi | learned"))
+    assert "+1.50 ± 0.71%" in en_line and "| met |" in en_line  # 47% deleted for 1.5%
+    assert "+10.00%" in fi_line and "| not met |" in fi_line  # one seed: no spread
+
+
+def test_a_corpus_needs_a_name_and_patterns():
+    assert gate_sweep._corpus("en=a/*.txt,b/*.txt")[1] == ["data.train=[a/*.txt,b/*.txt]", "data.eval=[a/*.txt,b/*.txt]"]
+    with pytest.raises(gate_sweep.UserError, match="NAME=PATTERN"):
+        gate_sweep._corpus("a/*.txt")
+
+
+def test_the_bible_splits_into_books_without_verse_numbers():
+    formatted = ("\nGenesis 1\n\n  1 In the beginning God created\nthe heaven.\n  2 And the earth.\n\nGenesis 2\n\n"
+                 "  1 Thus the heavens.\n\n1 Samuel 1\n\n  1 Now there was a certain man.\n"
+                 "\nSong of Solomon 1\n\n  1 The song of songs.\n")
+    books = fetch_corpora.kjv_books(formatted)
+    assert list(books) == ["Genesis", "1 Samuel", "Song of Solomon"]
+    assert books["Genesis"] == "Genesis 1\n\nIn the beginning God created\nthe heaven.\nAnd the earth.\n\nGenesis 2\n\nThus the heavens.\n"
+    assert books["1 Samuel"].endswith("Now there was a certain man.\n")
