@@ -17,6 +17,9 @@ class GateConfig:
     k: float = -30.0  # gate values lie in (k, 0); a position is deleted below k / 2
     bias: float = 1.0  # initial bias: gates start near k * sigmoid(-1), nothing deleted
     target: float = 0.5  # deletion rate the controller holds
+    # > 0: the controller's target rises linearly from 0 over this many steps, so that a gate
+    # trained from scratch does not delete while the layers after it are still learning.
+    target_warmup: int = 0
     # PI controller gains of the regulariser weight alpha. MrT5's 0.5 and 1e-5 (fine-tuning a
     # trained model) swing between 0% and 90% deleted when training from scratch with Adam.
     kp: float = 0.02

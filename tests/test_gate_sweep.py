@@ -3,11 +3,11 @@ import pytest
 from tools import fetch_corpora, gate_sweep
 
 
-def _result(corpus, seed, name, bpb, deleted=None):
+def _result(corpus, seed, name, bpb, deleted=None, target=0.5):
     hard = {"bpb": bpb, "per_language": {}, "bytes_per_s": 1.0}
     if deleted is not None:
         hard["deletion_rate"] = deleted
-    return {"corpus": corpus, "seed": seed, "name": name, "hard": hard}
+    return {"corpus": corpus, "seed": seed, "name": name, "hard": hard, "target": target}
 
 
 def test_summary_pairs_each_seed_with_its_own_baselines():
@@ -15,18 +15,28 @@ def test_summary_pairs_each_seed_with_its_own_baselines():
                _result("en", 0, "random 0.5", 2.10, 0.5),
                _result("en", 1, "no gate", 3.0), _result("en", 1, "learned 0.5", 3.03, 0.44),
                _result("en", 1, "random 0.5", 3.06, 0.5),
+               _result("en", 0, "learned 0.5, later=x", 2.02, 0.5), _result("en", 1, "learned 0.5, later=x", 3.0, 0.5),
                _result("fi", 0, "no gate", 4.0), _result("fi", 0, "learned 0.5", 4.4, 0.3)]
     rows = {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}
     learned = rows["en", "learned 0.5"]
     assert learned["cost"] == pytest.approx([0.02, 0.01])
     assert learned["vs_random"] == pytest.approx([-0.06, -0.03])
     assert rows["en", "random 0.5"]["cost"] == pytest.approx([0.05, 0.02])
+    assert rows["en", "learned 0.5, later=x"]["vs_random"] == pytest.approx([-0.08, -0.06])
     assert "cost" not in rows["en", "no gate"] and "vs_random" not in rows["fi", "learned 0.5"]
     table = gate_sweep.summary_markdown(gate_sweep.summarize(results))
     en_line = next(line for line in table.splitlines() if line.startswith("| en | learned"))
     fi_line = next(line for line in table.splitlines() if line.startswith("| fi | learned"))
     assert "+1.50 ± 0.71%" in en_line and "| met |" in en_line  # 47% deleted for 1.5%
     assert "+10.00%" in fi_line and "| not met |" in fi_line  # one seed: no spread
+
+
+def test_variants_add_runs_with_their_overrides():
+    variants = gate_sweep._variants([0.5], [0.5], ["learned 0.5, gate later=model.gate.layer=2 model.gate.target=0.5"])
+    assert variants[-1] == ("learned 0.5, gate later", ["model.gate.layer=2", "model.gate.target=0.5"])
+    assert [name for name, _ in variants[:3]] == ["no gate", "learned 0.5", "random 0.5"]
+    with pytest.raises(gate_sweep.UserError, match="NAME=key=value"):
+        gate_sweep._variants([], [], ["later="])
 
 
 def test_a_corpus_needs_a_name_and_patterns():

@@ -2,6 +2,7 @@
 controller on real text (byte model; a HAT in test_gate_controller.py), a learned gate against
 random deletion, the gate's SGD, the controller in checkpoints."""
 
+import dataclasses
 import math
 
 import jax
@@ -91,7 +92,8 @@ def test_bad_gate_settings_are_rejected():
     for overrides, message in [({"model.gate.layer": 2}, "at least one layer"),
                                ({"model.gate.logit_cap": 20.0}, "logit_cap"),
                                ({"model.gate.mode": "fixed"}, "learned or random"),
-                               ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001")]:
+                               ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001"),
+                               ({"model.gate.target_warmup": -5}, "target_warmup=-5")]:
         with pytest.raises(UserError, match=message):
             check_kind(micro_config(**{"model.kind": "byte", "model.gate.layer": 1, **overrides}).model)
 
@@ -235,3 +237,15 @@ def test_a_gate_trained_by_sgd_steps_by_its_gradient_and_stays_out_of_the_clippi
     assert any(np.abs(u).max() > 0 for u in rest(by_sgd[1]))
     assert all(np.allclose(u, e, atol=1e-9) for u, e in zip(rest(by_sgd[1]), rest(alone[1])))
     assert not all(np.allclose(u, e, atol=1e-9) for u, e in zip(rest(by_sgd[1]), rest(together[1])))
+
+
+def test_the_controller_target_warms_up_linearly():
+    from hiermodel.config import GateConfig
+    from hiermodel.train.step import update_controller
+
+    cfg = GateConfig(layer=1, target=0.5, target_warmup=10, kp=1.0, ki=1.0)
+    zero = {"alpha": 0.0, "p": 0.0, "i": 0.0}
+    for step in (0, 4, 9, 30):  # deleting the warmed-up target is no error
+        assert float(update_controller(zero, 0.5 * min(1.0, (step + 1) / 10), step, cfg)["alpha"]) == 0.0
+    assert float(update_controller(zero, 0.0, 4, cfg)["i"]) == pytest.approx(0.25)
+    assert float(update_controller(zero, 0.0, 4, dataclasses.replace(cfg, target_warmup=0))["i"]) == pytest.approx(0.5)

@@ -5,10 +5,13 @@ summary.md (mean and spread over seeds, per corpus) in the output directory. A r
 result.json exists is not repeated, so an interrupted sweep continues where it stopped.
 
     python tools/gate_sweep.py CONFIG --output DIR [--targets 0.3,0.5] [--random 0.5]
-        [--seeds 0,1,2] [--corpus NAME=PATTERN[,PATTERN...] ...] [--no-soft] [key=value ...]
+        [--seeds 0,1,2] [--corpus NAME=PATTERN[,PATTERN...] ...]
+        [--variant "learned T, CHANGE=key=value key=value" ...] [--no-soft] [key=value ...]
 
 Each --corpus sets data.train and data.eval to its patterns (the config's holdout then picks the
-held-out documents); without one, the config's data is the only corpus.
+held-out documents); without one, the config's data is the only corpus. Each --variant adds a
+run with its overrides; a variant named "learned T..." is compared with "random T" like the
+targets are.
 """
 
 import argparse
@@ -26,10 +29,15 @@ MIN_DELETION = 0.40
 MAX_COST = 0.03
 
 
-def _variants(targets: list[float], random: list[float]) -> list[tuple[str, list[str]]]:
+def _variants(targets: list[float], random: list[float], specs: list[str]) -> list[tuple[str, list[str]]]:
     variants = [("no gate", ["model.gate.layer=0"])]
     variants += [(f"learned {t:g}", [f"model.gate.target={t}"]) for t in targets]
     variants += [(f"random {r:g}", [f"model.gate.target={r}", "model.gate.mode=random"]) for r in random]
+    for spec in specs:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name.strip() or not overrides.strip():
+            raise UserError(f"--variant {spec!r}: expected NAME=key=value [key=value ...]")
+        variants.append((name.strip(), overrides.split()))
     return variants
 
 
@@ -120,8 +128,7 @@ def summarize(results: list[dict]) -> list[dict]:
             if name != "no gate" and all(base):
                 row["cost"] = [r["hard"]["bpb"] / b["hard"]["bpb"] - 1 for r, b in zip(runs, base)]
             if name.startswith("learned"):
-                rate = name.split()[1]
-                random = [by_key.get((corpus, r["seed"], f"random {rate}")) for r in runs]
+                random = [by_key.get((corpus, r["seed"], f"random {r['target']:g}")) for r in runs]
                 if all(random):
                     row["vs_random"] = [r["hard"]["bpb"] - q["hard"]["bpb"] for r, q in zip(runs, random)]
             rows.append(row)
@@ -170,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--random", default="", help="random deletion at these rates (the baseline)")
     p.add_argument("--seeds", default="0", help="seeds (initialisation and data order)")
     p.add_argument("--corpus", action="append", default=[], help="NAME=PATTERN[,PATTERN...]; repeatable")
+    p.add_argument("--variant", action="append", default=[], help="NAME=key=value [key=value ...]; repeatable")
     p.add_argument("--no-soft", dest="soft", action="store_false", help="score hard deletion only")
     args = p.parse_intermixed_args(argv)
     try:
@@ -179,11 +187,12 @@ def main(argv=None) -> int:
         corpora = [_corpus(spec) for spec in args.corpus] or [("config", [])]
         output = Path(args.output)
         planned = []
-        for corpus, data in corpora:
-            for seed in seeds:
-                for name, extra in _variants(targets, random):
+        # Seed by seed: an interrupted sweep has whole seeds over every corpus.
+        for seed in seeds:
+            for corpus, data in corpora:
+                for name, extra in _variants(targets, random, args.variant):
                     run_dir = output / (corpus if len(corpora) > 1 else "") / (f"seed{seed}" if len(seeds) > 1 else "") \
-                        / name.replace(" ", "_")
+                        / "".join(c if c.isalnum() or c == "." else "_" for c in name)
                     overrides = [*args.overrides, *data, *extra, f"seed={seed}", f"run_dir={run_dir}"]
                     planned.append((corpus, seed, name, config_lib.load(args.config, overrides)))
         results = []

@@ -75,14 +75,15 @@ def cast(params, dtype: str):
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
-def update_controller(controller: dict, deletion_rate, cfg: GateConfig) -> dict:
+def update_controller(controller: dict, deletion_rate, step, cfg: GateConfig) -> dict:
     """MrT5's PI controller: alpha rises while the batch deletes less than the target.
 
     Unlike MrT5 (which starts from a trained model) alpha may go negative: from scratch the
     loss itself first favours deleting, as the layers after the gate are still noise, and a
     regulariser that can only push toward deletion cannot hold the target from above.
     """
-    error = cfg.target - deletion_rate
+    target = cfg.target * jnp.minimum(1.0, (step + 1) / cfg.target_warmup) if cfg.target_warmup else cfg.target
+    error = target - deletion_rate
     p = 0.9 * controller["p"] + 0.1 * cfg.kp * error
     i = controller["i"] + cfg.ki * error
     return {"alpha": p + i, "p": p, "i": i}
@@ -145,7 +146,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
         }
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         if gated:
-            new_state["gate"] = update_controller(state["gate"], counts["deleted"] / counts["positions"], gates_config)
+            new_state["gate"] = update_controller(state["gate"], counts["deleted"] / counts["positions"], state["step"],
+                                                  gates_config)
             metrics["alpha"] = state["gate"]["alpha"]
         return new_state, metrics
 
