@@ -55,6 +55,16 @@ SLOWEST_FIRST = ["test_multihost.py", "test_object_storage.py", "test_gates.py",
                  "test_gate_controller.py", "test_config.py", "test_aot.py", "test_model.py"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true",
+                     help="also run the end-to-end studies marked slow (CI does; about 7 more minutes on 2 cores)")
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    if not config.getoption("--all"):
+        skip = pytest.mark.skip(reason="an end-to-end study over a minute long: run with --all (CI does)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)

@@ -23,9 +23,6 @@ from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
 from tests.conftest import MICRO, REPO, micro_config, run_cli
 
-pytestmark = pytest.mark.slow
-
-
 def latest_step(run_dir):
     checkpointer = Checkpointer(run_dir, read_only=True)
     try:
@@ -68,6 +65,7 @@ def saving(run_dir) -> bool:
     return "4" in names and any(".orbax-checkpoint-tmp" in name for name in names)
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_a_save_resumes_from_the_last_whole_checkpoint_to_the_same_losses(tmp_path):
     # 12 steps: the kill comes during the save after step 6 (one of 2 s or more on eight devices), well
     # before the end; the reference saves only at its end (saves change no loss).

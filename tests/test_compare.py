@@ -8,15 +8,13 @@ from hiermodel.eval.compare import markdown
 from hiermodel.eval.score import language_of
 from tests.conftest import MICRO
 
-pytestmark = pytest.mark.slow
-
-
 def test_language_comes_from_the_file_name():
     assert language_of("../shared/corpus/de_faust_1.txt") == "de"
     assert language_of("/data/zh_hongloumeng_ch1-80.txt") == "zh"
     assert language_of("builtin:eval") == "builtin:eval"
 
 
+@pytest.mark.slow
 def test_compare_trains_each_kind_to_the_same_flops_and_reports_them(tmp_path, capsys):
     micro = yaml.safe_load(MICRO.read_text())
     paths = []

@@ -1,10 +1,12 @@
 """The delete gate's controller on a trained HAT (its own file, so it runs beside test_gates.py)."""
 
 import numpy as np
+import pytest
 
 from tests.conftest import english, micro_config
 
 
+@pytest.mark.slow
 def test_a_gate_added_to_a_trained_hat_holds_the_target_rate_when_trained_by_sgd(tmp_path, corpus):
     """MrT5's setting on the HAT backbone, where deleting words costs little: under Adam the
     rate cycles between none and most words; under SGD the controller holds it."""

@@ -129,6 +129,7 @@ def train_gated(run_dir, steps: int, corpus=None, **overrides):
     return config
 
 
+@pytest.mark.slow
 def test_the_controller_holds_the_target_rate_and_a_learned_gate_beats_random_deletion(tmp_path, corpus):
     from hiermodel.run import encoding
     from hiermodel.data.sources import open_split
@@ -181,6 +182,7 @@ def test_a_resumed_gated_run_continues_the_controller_exactly(tmp_path):
     assert [a[s]["loss"] for s in range(5, 9)] == [b[s]["loss"] for s in range(5, 9)]
 
 
+@pytest.mark.slow
 def test_a_trained_model_continues_with_a_fresh_delete_gate(tmp_path):
     from hiermodel.run import load_params
     from hiermodel.train.loop import train

@@ -20,9 +20,6 @@ from hiermodel.train.metrics import read_metrics
 from hiermodel.sharding import make_mesh
 from tests.conftest import MICRO, REPO, micro_config
 
-pytestmark = pytest.mark.slow
-
-
 def final_params(config):
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     with jax.set_mesh(mesh):
@@ -82,6 +79,7 @@ def run_job(tmp_path, run_dir, overrides, signal_to=None, when=None):
         (tmp_path / "logs" / "process-1.log").read_text()
 
 
+@pytest.mark.slow
 def test_two_processes_preempted_through_either_equal_one_uninterrupted_process(tmp_path):
     """Two processes of four devices, signalled three times, against one process of eight."""
     # The reference saves only at its end (saves change no number; only its last checkpoint is compared).

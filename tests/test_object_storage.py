@@ -20,7 +20,7 @@ import gcs_emulator  # noqa: E402
 
 # Found, not imported: gcsfs reads its settings from the environment when first imported, and the
 # emulator's must be in place by then.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
     reason="needs gcsfs (a dependency) and gcp-storage-emulator (the test extra)")]
 BUCKET = "gs://bkt"
@@ -83,6 +83,7 @@ def losses(run_dir):
     return [m["loss"] for _, m in sorted(read_metrics(str(run_dir)).items())]
 
 
+@pytest.mark.slow
 def test_a_run_in_a_bucket_is_killed_resumed_and_evaluated_like_a_local_one(emulator, tmp_path):
     from hiermodel import storage
 
@@ -140,6 +141,7 @@ def test_bad_urls_are_one_line_errors(emulator, tmp_path, spec, message):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_subword_tokenizer_and_compressed_shards_live_in_the_bucket(emulator, tmp_path):
     from hiermodel import storage
     from hiermodel.text import subword

@@ -153,6 +153,7 @@ def _micro_train(run, *overrides) -> int:
                      f"model.backbone_from={FIXTURES / 'llama_tied'}", *overrides])
 
 
+@pytest.mark.slow
 def test_a_hat_on_a_pretrained_backbone_trains_frozen_then_unfrozen_and_resumes(tmp_path):
     from hiermodel.train.metrics import read_metrics
 

@@ -53,6 +53,7 @@ def test_checkpoint_saved_on_eight_devices_restores_on_other_meshes(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, restored[mesh_name], restored["2x2x2"])
 
 
+@pytest.mark.slow
 def test_a_run_resumed_on_a_different_mesh_continues_identically(tmp_path):
     # A constant learning rate, so that stopping at step 4 changes nothing the run depends on.
     constant = {"train.warmup_steps": 0, "train.min_lr_ratio": 1.0}
