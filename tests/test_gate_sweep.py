@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from tools import fetch_corpora, gate_sweep
@@ -53,3 +54,21 @@ def test_the_bible_splits_into_books_without_verse_numbers():
     assert list(books) == ["Genesis", "1 Samuel", "Song of Solomon"]
     assert books["Genesis"] == "Genesis 1\n\nIn the beginning God created\nthe heaven.\nAnd the earth.\n\nGenesis 2\n\nThus the heavens.\n"
     assert books["1 Samuel"].endswith("Now there was a certain man.\n")
+
+
+def test_the_cost_split_classes_each_target_byte_and_adds_up_to_the_whole_difference():
+    from tools import gate_cost
+
+    tokens = np.array([[ord(c) for c in "ab cd\nef"]])
+    # targets: b, ' ', c, d, '\n', e, f, (none)
+    assert gate_cost.byte_classes(tokens).tolist() == [[2, 0, 1, 2, 0, 1, 2, 2]]
+    rng = np.random.default_rng(0)
+    base, gated = rng.uniform(0, 8, 1000), rng.uniform(0, 8, 1000)
+    deleted, classes = rng.uniform(size=1000) < 0.5, rng.integers(0, 3, 1000)
+    rows = gate_cost.split_cost(gated, base, deleted, classes)
+    assert len(rows) == 6 and sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["share_of_cost"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["extra_bits_per_byte"] for r in rows) == pytest.approx(gated.mean() - base.mean())
+    spaces_kept = next(r for r in rows if r["class"] == "whitespace" and r["position"] == "kept")
+    where = (classes == 0) & ~deleted
+    assert spaces_kept["bpb_gated"] == pytest.approx(gated[where].mean())

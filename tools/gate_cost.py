@@ -1,0 +1,115 @@
+"""Where a byte-level delete gate's cost comes from: the gated run and a run without a gate are
+scored on the same held-out bytes, and the difference in bits is split by whether the gate
+deleted the predicting position (its prediction then lacks the layers after the gate) and by
+what the predicted byte is (whitespace, a word's first byte, a later byte of a word).
+
+    python tools/gate_cost.py GATED_RUN BASE_RUN [--output FILE.json]
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from hiermodel.errors import UserError
+
+CLASSES = ("whitespace", "word start", "in word")
+_SPACE = np.zeros(256 + 8, bool)
+_SPACE[[0x20, 0x0A, 0x09, 0x0D]] = True
+
+
+def byte_classes(tokens_BxT) -> np.ndarray:
+    """Class of each position's target byte (token t+1): 0 whitespace, 1 the first byte after
+    whitespace, 2 any later byte of a word; [B, T]."""
+    tokens_BxT = np.minimum(tokens_BxT, len(_SPACE) - 1)
+    target_BxT = np.pad(tokens_BxT[:, 1:], ((0, 0), (0, 1)))
+    space_now_BxT, space_next_BxT = _SPACE[tokens_BxT], _SPACE[target_BxT]
+    return np.where(space_next_BxT, 0, np.where(space_now_BxT, 1, 2))
+
+
+def _per_position(run_dir: str):
+    """Per scored position of the held-out split: bits, deleted (or None), target class."""
+    import jax
+
+    from hiermodel.data.pipeline import scoring_batches
+    from hiermodel.data.sources import open_split
+    from hiermodel.eval.score import make_score_fn
+    from hiermodel.run import encoding, load_params
+    from hiermodel.sharding import process_slice, to_global, to_host
+
+    config, mesh, graphdef, params = load_params(run_dir)
+    if config.model.kind != "byte":
+        raise UserError(f"{run_dir}: model.kind={config.model.kind}; this split is for the byte model's gate")
+    bits, deleted, classes = [], [], []
+    with jax.set_mesh(mesh):
+        score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh,
+                                 jax.tree.map(lambda p: p.sharding, params), "hard")
+        encoder = encoding(config)
+        source = open_split(config.data, "eval", text=encoder.reads_text)
+        for batch in scoring_batches(config.data, source, encoder.document, config.train.batch_size):
+            scores = score_fn(params, to_global(process_slice(batch), mesh))
+            scored = batch["loss_mask"] > 0
+            bits.append(to_host(scores["bits"])[scored])
+            classes.append(byte_classes(batch["tokens"])[scored])
+            if "deleted" in scores:
+                deleted.append(to_host(scores["deleted"])[scored])
+    return np.concatenate(bits), np.concatenate(deleted) if deleted else None, np.concatenate(classes)
+
+
+def split_cost(gated_bits, base_bits, deleted, classes) -> list[dict]:
+    """Rows per (class, deleted or kept): share of bytes, bits per byte of either run, and the
+    share of the whole difference in bits that the row accounts for."""
+    total = gated_bits.sum() - base_bits.sum()
+    rows = []
+    for c, name in enumerate(CLASSES):
+        for was_deleted in (False, True):
+            where = (classes == c) & (deleted == was_deleted)
+            n = int(where.sum())
+            if not n:
+                continue
+            extra = float(gated_bits[where].sum() - base_bits[where].sum())
+            rows.append({"class": name, "position": "deleted" if was_deleted else "kept", "bytes": n,
+                         "share": n / len(classes), "bpb_base": float(base_bits[where].mean()),
+                         "bpb_gated": float(gated_bits[where].mean()), "extra_bits_per_byte": extra / len(classes),
+                         "share_of_cost": extra / total if total else float("nan")})
+    return rows
+
+
+def markdown(rows: list[dict], gated_bits, base_bits) -> str:
+    lines = [f"bpb without gate {base_bits.mean():.4f}, gated {gated_bits.mean():.4f} "
+             f"({gated_bits.mean() / base_bits.mean() - 1:+.2%}) on {len(base_bits):,} bytes", "",
+             "| predicted byte | predicting position | share of bytes | bpb without gate | bpb gated | "
+             "extra bits per byte (of all bytes) | share of the cost |", "|---" * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['class']} | {r['position']} | {r['share']:.1%} | {r['bpb_base']:.3f} | "
+                     f"{r['bpb_gated']:.3f} | {r['extra_bits_per_byte']:+.4f} | {r['share_of_cost']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("gated_run")
+    p.add_argument("base_run")
+    p.add_argument("--output", help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    try:
+        gated_bits, deleted, classes = _per_position(args.gated_run)
+        base_bits, _, base_classes = _per_position(args.base_run)
+        if deleted is None:
+            raise UserError(f"{args.gated_run}: the model has no delete gate")
+        if len(base_bits) != len(gated_bits) or not np.array_equal(classes, base_classes):
+            raise UserError(f"{args.gated_run} and {args.base_run} do not score the same held-out bytes")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = split_cost(gated_bits, base_bits, deleted, classes)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(markdown(rows, gated_bits, base_bits))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
