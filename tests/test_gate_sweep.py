@@ -24,6 +24,11 @@ def test_summary_pairs_each_seed_with_its_own_baselines():
     assert learned["vs_random"] == pytest.approx([-0.06, -0.03])
     assert rows["en", "random 0.5"]["cost"] == pytest.approx([0.05, 0.02])
     assert rows["en", "learned 0.5, later=x"]["vs_random"] == pytest.approx([-0.08, -0.06])
+    for r in results:
+        r["layer"] = 2 if "later" in r["name"] else 1
+    rows = {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}
+    assert "vs_random" not in rows["en", "learned 0.5, later=x"]  # random deletes after another layer
+    assert rows["en", "learned 0.5"]["vs_random"] == pytest.approx([-0.06, -0.03])
     assert "cost" not in rows["en", "no gate"] and "vs_random" not in rows["fi", "learned 0.5"]
     table = gate_sweep.summary_markdown(gate_sweep.summarize(results))
     en_line = next(line for line in table.splitlines() if line.startswith("| en | learned"))

@@ -115,7 +115,8 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def summarize(results: list[dict]) -> list[dict]:
     """Per corpus and variant, over seeds: bits per byte, deletion (held out, hard), the relative
-    cost against no gate and the difference to random deletion at the same rate, both paired by seed."""
+    cost against no gate and the difference to random deletion at the same rate and layer, both
+    paired by seed."""
     by_key = {(r["corpus"], r["seed"], r["name"]): r for r in results}
     rows = []
     for corpus in dict.fromkeys(r["corpus"] for r in results):
@@ -129,7 +130,8 @@ def summarize(results: list[dict]) -> list[dict]:
                 row["cost"] = [r["hard"]["bpb"] / b["hard"]["bpb"] - 1 for r, b in zip(runs, base)]
             if name.startswith("learned"):
                 random = [by_key.get((corpus, r["seed"], f"random {r['target']:g}")) for r in runs]
-                if all(random):
+                # Only a random gate at the same layer deletes from the same layers.
+                if all(random) and all(r.get("layer") == q.get("layer") for r, q in zip(runs, random)):
                     row["vs_random"] = [r["hard"]["bpb"] - q["hard"]["bpb"] for r, q in zip(runs, random)]
             rows.append(row)
     return rows
@@ -159,7 +161,7 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
     print(f"== {corpus}, seed {seed}, {name}: training {config.run_dir}", file=sys.stderr, flush=True)
     logged = train(config)
     result = {"corpus": corpus, "seed": seed, "name": name,
-              "target": config.model.gate.target if config.model.gate.layer else 0.0,
+              "target": config.model.gate.target if config.model.gate.layer else 0.0, "layer": config.model.gate.layer,
               "train": logged, "hard": _score(config, "hard"), "training_rate": training_rate(config.run_dir)}
     if soft:
         result["soft"] = _score(config, "soft")
