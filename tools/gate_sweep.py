@@ -53,16 +53,10 @@ def _score(config, deletion: str) -> dict:
 
     from hiermodel.data.sources import open_split
     from hiermodel.eval.score import make_score_fn, score_source
-    from hiermodel.run import encoding, open_latest
-    from hiermodel.sharding import make_mesh
-    from hiermodel.train import state as state_lib
+    from hiermodel.run import encoding, load_params
 
-    mesh = make_mesh(config.mesh)
-    checkpointer, step, _ = open_latest(config.run_dir)
+    config, mesh, graphdef, params = load_params(config.run_dir)
     with jax.set_mesh(mesh):
-        graphdef, abstract = state_lib.abstract_params(config, mesh)
-        params = checkpointer.restore_params(step, abstract)
-        checkpointer.close()
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh,
                                  jax.tree.map(lambda p: p.sharding, params), deletion)
         encoder = encoding(config)
