@@ -21,7 +21,7 @@ from hiermodel.text.words import split_words
 from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
-from tests.conftest import MICRO, REPO, micro_config, run_cli
+from tests.conftest import MICRO, REPO, jit_apply, micro_config, run_cli, xla_flags
 
 def latest_step(run_dir):
     checkpointer = Checkpointer(run_dir, read_only=True)
@@ -51,7 +51,7 @@ def wait_for(predicate, process, timeout=300, poll_s=0.02):
 
 
 def start_training(run_dir, steps):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {"XLA_FLAGS": xla_flags(1)}
     args = [sys.executable, "-m", "hiermodel.cli", "train", str(MICRO), f"run_dir={run_dir}",
             f"train.steps={steps}", "train.checkpoint_every=2", "train.log_every=1"]
     import os
@@ -146,7 +146,7 @@ def test_eval_reports_the_sum_of_per_byte_bits(trained, tmp_path):
         builder = RowBuilder(config.data.row_tokens, config.data.row_words)
         builder.add(doc)
         batch = {k: jnp.asarray(v[None]) for k, v in builder.finish().items()}
-        log_probs = jax.nn.log_softmax(model(batch)[0, :len(data)], axis=-1)
+        log_probs = jax.nn.log_softmax(jit_apply(lambda model, batch: model(batch), model, batch)[0, :len(data)], axis=-1)
         bits = -float(jnp.take_along_axis(log_probs, jnp.asarray(doc.tokens[1:, None]), axis=1).sum()) / math.log(2)
         assert entry["path"].endswith(name) and entry["bytes"] == len(data)
         assert entry["bits"] == pytest.approx(bits, rel=1e-4)

@@ -15,7 +15,7 @@ from flax import nnx
 from hiermodel.errors import UserError
 from hiermodel.models import gates
 from hiermodel.models.registry import build, check_kind
-from tests.conftest import english, micro_config
+from tests.conftest import english, jit_apply, micro_config
 from tests.test_model import row
 
 TEXT = b"The quick brown fox jumps over the lazy dog, and then it runs far away into the woods."
@@ -25,6 +25,10 @@ SECOND = b"A second document, packed into the same row."
 def gated_model(kind: str, **overrides):
     config = micro_config(**{"model.kind": kind, "model.gate.layer": 1, **overrides})
     return build(config.model, nnx.Rngs(0)), config
+
+
+def forward(model, batch: dict, deletion: str = "soft"):
+    return jit_apply(lambda model, batch: gates.forward(model, batch, deletion), model, batch)
 
 
 def batch_of(*documents: bytes) -> dict:
@@ -43,8 +47,8 @@ def test_hard_deletion_equals_soft_when_gates_saturate(kind):
     model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5})
     saturate(model)
     batch = batch_of(TEXT, SECOND)
-    soft, soft_stats = gates.forward(model, batch, "soft")
-    hard, hard_stats = gates.forward(model, batch, "hard")
+    soft, soft_stats = forward(model, batch, "soft")
+    hard, hard_stats = forward(model, batch, "hard")
     valid = np.asarray(batch["segments"] > 0)
     kept = np.asarray(hard_stats["kept"])[np.asarray(hard_stats["valid"])]
     assert 0.2 < kept.mean() < 0.8, "the test needs both kept and deleted positions"
@@ -56,12 +60,9 @@ def test_hard_deletion_equals_soft_when_gates_saturate(kind):
 @pytest.mark.parametrize("kind", ["byte", "hat"])
 def test_hard_deletion_is_causal_without_overflow(kind):
     model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5})
-    graphdef, params = nnx.split(model)
-    jitted = jax.jit(lambda p, b: gates.forward(nnx.merge(graphdef, p), b, "hard")[0])
-    forward = lambda b: jitted(params, b)
-    logits = np.asarray(forward(batch_of(TEXT)))
+    logits = np.asarray(forward(model, batch_of(TEXT), "hard")[0])
     for t in [5, 30, 60]:
-        changed = np.asarray(forward(batch_of(TEXT[:t + 1] + b"Q" * (len(TEXT) - t - 1))))
+        changed = np.asarray(forward(model, batch_of(TEXT[:t + 1] + b"Q" * (len(TEXT) - t - 1)), "hard")[0])
         np.testing.assert_allclose(changed[0, :t + 2], logits[0, :t + 2], atol=1e-5, rtol=1e-5)
         assert not np.allclose(changed[0, t + 2:len(TEXT) + 1], logits[0, t + 2:len(TEXT) + 1], atol=1e-5)
 
@@ -70,7 +71,7 @@ def test_hard_deletion_runs_later_layers_on_the_capacity_and_counts_overflow():
     model, config = gated_model("byte", **{"model.gate.target": 0.75, "model.gate.capacity_slack": 1.0})
     model.gate.b[...] = jnp.full_like(model.gate.b[...], 40.0)  # every gate near 0: all want to stay
     batch = batch_of(TEXT)
-    _, stats = gates.forward(model, batch, "hard")
+    _, stats = forward(model, batch, "hard")
     n = config.data.row_tokens
     c = gates.capacity(n, config.model.gate)
     assert c == math.ceil(n * 0.25)
@@ -83,7 +84,7 @@ def test_segment_starts_are_always_kept():
     model, _ = gated_model("byte")
     model.gate.b[...] = jnp.full_like(model.gate.b[...], -40.0)  # every gate near k
     batch = batch_of(TEXT, SECOND)
-    _, stats = gates.forward(model, batch, "hard")
+    _, stats = forward(model, batch, "hard")
     kept = np.nonzero(np.asarray(stats["kept"])[0])[0]
     assert kept.tolist() == [0, len(TEXT) + 1]
 
@@ -108,7 +109,7 @@ def test_a_detached_gate_is_the_only_part_its_regulariser_trains(kind):
             _, stats = gates.forward(nnx.merge(graphdef, params), batch_of(TEXT, SECOND))
             return (stats["gates"] * stats["valid"]).sum() / stats["valid"].sum()
 
-        return nnx.to_pure_dict(jax.grad(mean_gate)(params))
+        return nnx.to_pure_dict(jax.jit(jax.grad(mean_gate))(params))
 
     norm = lambda tree: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(tree)))
     attached, detached = regulariser_grads(False), regulariser_grads(True)
@@ -212,17 +213,22 @@ def test_a_gate_trained_by_sgd_steps_by_its_gradient_and_stays_out_of_the_clippi
 
     config = micro_config(**{"model.gate.layer": 1, "model.gate.sgd_lr": 0.1, "train.clip_norm": 1.0})
     params = nnx.to_pure_dict(nnx.state(build(config.model, nnx.Rngs(0)), nnx.Param))
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-    small = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
-    small = jax.tree.map(lambda g: 0.1 * g / optax.tree.norm(small), small)  # far below the clipping norm
+
+    @jax.jit  # here and below: eagerly, every operation on every parameter's shape compiles on its own
+    def small_gradients(params):
+        keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+        small = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+        return jax.tree.map(lambda g: 0.1 * g / optax.tree.norm(small), small)  # far below the clipping norm
+
+    small = small_gradients(params)
     # Step 1: a huge gradient on the gate only; step 2: none on it.
     steps = [{**small, "gate": jax.tree.map(lambda g: 1e3 * g, small["gate"])},
              {**small, "gate": jax.tree.map(jnp.zeros_like, small["gate"])}]
 
     def run(tx, gradients):
-        state, updates = tx.init(params), []
+        state, updates, step = jax.jit(tx.init)(params), [], jax.jit(tx.update)
         for g in gradients:
-            update, state = tx.update(g, state, params)
+            update, state = step(g, state, params)
             updates.append(update)
         return updates
 

@@ -34,20 +34,20 @@ def byte_model(request):
 
 def test_cached_logits_equal_the_full_forward(byte_model):
     config, graphdef, params = byte_model
-    model = nnx.merge(graphdef, params)
+    # jit'd: run eagerly, each of the model's operations compiles on its own (hundreds of compiles).
+    forward = jax.jit(lambda p, batch: nnx.merge(graphdef, p)(batch, deletion="hard", with_stats=True))
+    extend = jax.jit(lambda p, tokens, positions, caches: nnx.merge(graphdef, p).extend(tokens, positions, caches))
     tokens_1xT = jax.random.randint(jax.random.PRNGKey(1), (1, 200), 0, 256)
-    full = model({"tokens": tokens_1xT, "segments": jnp.ones_like(tokens_1xT)}, deletion="hard")
+    full, stats = forward(params, {"tokens": tokens_1xT, "segments": jnp.ones_like(tokens_1xT)})
     positions = jnp.arange(200)[None]
-    caches = model.empty_cache(1, config.data.row_tokens)
-    head, caches = model.extend(tokens_1xT[:, :150], positions[:, :150], caches)
+    caches = nnx.merge(graphdef, params).empty_cache(1, config.data.row_tokens)
+    head, caches = extend(params, tokens_1xT[:, :150], positions[:, :150], caches)
     pieces = [head]
     for t in range(150, 200):  # then one position at a time
-        out, caches = model.extend(tokens_1xT[:, t:t + 1], positions[:, t:t + 1], caches)
+        out, caches = extend(params, tokens_1xT[:, t:t + 1], positions[:, t:t + 1], caches)
         pieces.append(out)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
     if config.model.gate.layer:  # the equivalence covers real deletions
-        _, stats = model({"tokens": tokens_1xT, "segments": jnp.ones_like(tokens_1xT)}, deletion="hard",
-                         with_stats=True)
         deleted = deletion_counts(stats, config.model.gate.k)
         assert 0.2 < deleted["deleted"] / deleted["positions"] < 0.8
 

@@ -16,7 +16,7 @@ from hiermodel.data.builtin import builtin_documents
 from hiermodel.errors import UserError
 from hiermodel.models.registry import build
 from hiermodel.text.words import BOS_ID
-from tests.conftest import micro_config
+from tests.conftest import jit_apply, micro_config
 
 MAX_CONTEXT = 32
 PROBES = [b"The quick brown fox jumps over the lazy dog.", b"def f(x):\n    return x", "Grüße, 世界".encode()]
@@ -149,7 +149,8 @@ def test_the_float_mirror_is_the_byte_model():
     config = micro_config(**BYTE_OVERRIDES)
     byte_model = build(config.model, nnx.Rngs(1))
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, 258, (2, 30)), jnp.int32)
-    expected = byte_model({"tokens": tokens, "segments": jnp.zeros_like(tokens)})
+    expected = jit_apply(lambda model, tokens: model({"tokens": tokens, "segments": jnp.zeros_like(tokens)}),
+                         byte_model, tokens)
     logits, _ = integer_lm.float_forward(nnx.to_pure_dict(nnx.state(byte_model, nnx.Param)), config.model, tokens)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 

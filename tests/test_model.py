@@ -74,8 +74,9 @@ def random_attention_inputs(seed: int, b: int = 2, t: int = 300, kv: int = 2, g:
 @pytest.mark.parametrize("window, block", [(100, 64), (64, 64), (37, 16), (200, 64)])
 def test_blocked_sliding_window_attention_equals_dense(window, block):
     q, k, v, segments = random_attention_inputs(window)
-    np.testing.assert_allclose(local_attention(q, k, v, segments, window, block),
-                               dense_attention(q, k, v, segments, window), atol=1e-5)
+    blocked = jax.jit(local_attention, static_argnums=(4, 5))(q, k, v, segments, window, block)
+    np.testing.assert_allclose(blocked, jax.jit(dense_attention, static_argnums=4)(q, k, v, segments, window),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [0, 37, 100])
@@ -84,15 +85,15 @@ def test_the_fused_attention_call_masks_like_ours(window):
     with jax's XLA implementation: both kernels follow its documented semantics."""
     q, k, v, segments = random_attention_inputs(window)
     b, t, kv, g, d = q.shape
-    fused = fused_attention(q.reshape(b, t, kv * g, d), k, v, segments, window, "xla")
-    np.testing.assert_allclose(fused, dense_attention(q, k, v, segments, window).reshape(b, t, kv * g, d),
-                               atol=1e-5)
+    fused = jax.jit(fused_attention, static_argnums=(4, 5))(q.reshape(b, t, kv * g, d), k, v, segments, window, "xla")
+    dense = jax.jit(dense_attention, static_argnums=4)(q, k, v, segments, window)
+    np.testing.assert_allclose(fused, dense.reshape(b, t, kv * g, d), atol=1e-5)
 
 
 def test_logits_are_finite_with_padding_and_bf16(model):
     cfg = micro_config(**{"model.compute_dtype": "bfloat16"})
     from hiermodel.train.step import cast
     graphdef, params = nnx.split(model)
-    batch = row(b"short")
-    logits = nnx.merge(graphdef, cast(params, cfg.model.compute_dtype))({k: jnp.asarray(v) for k, v in batch.items()})
+    batch = {k: jnp.asarray(v) for k, v in row(b"short").items()}
+    logits = jax.jit(lambda p, b: nnx.merge(graphdef, cast(p, cfg.model.compute_dtype))(b))(params, batch)
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

@@ -18,7 +18,7 @@ from hiermodel.train.checkpoint import Checkpointer
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
 from hiermodel.sharding import make_mesh
-from tests.conftest import MICRO, REPO, micro_config
+from tests.conftest import FAST_COMPILE, MICRO, REPO, micro_config, xla_flags
 
 def final_params(config):
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
@@ -47,7 +47,7 @@ SIGNAL_POINTS = [("during eval", 1, lambda s: s % 5 == 0),
 
 
 def job_env(tmp_path):
-    return {**os.environ, "XLA_FLAGS": "", "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable,
+    return {**os.environ, "XLA_FLAGS": FAST_COMPILE, "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable,
             "LOG_DIR": str(tmp_path / "logs")}
 
 
@@ -112,7 +112,7 @@ def test_a_run_directory_each_host_sees_alone_is_refused_before_anything_is_writ
     """Two processes, each in a directory of its own: a relative run_dir is then on each host's own disk."""
     port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('localhost', 0)); "
                            "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "PYTHONPATH": str(REPO)}
     hosts = [tmp_path / f"host{i}" for i in range(2)]
     jobs = []
     for i, host in enumerate(hosts):

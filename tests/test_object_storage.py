@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import MICRO, REPO, run_cli
+from tests.conftest import MICRO, REPO, run_cli, xla_flags
 
 sys.path.insert(0, str(REPO / "tests"))
 import gcs_emulator  # noqa: E402
@@ -96,7 +96,7 @@ def test_a_run_in_a_bucket_is_killed_resumed_and_evaluated_like_a_local_one(emul
 
     process = subprocess.Popen([sys.executable, "-m", "hiermodel.cli", *map(str, train_args(f"{BUCKET}/data", run,
                                                                                             steps))],
-                               cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                               cwd=REPO, env={**os.environ, "XLA_FLAGS": xla_flags(1)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not storage.path(f"{run}/checkpoints/4/commit_success.txt").exists():

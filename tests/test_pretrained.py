@@ -15,7 +15,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 
-from conftest import micro_config
+from tests.conftest import jit_apply, micro_config
 from hiermodel import cli
 from hiermodel.config import from_dict
 from hiermodel.models import pretrained
@@ -34,7 +34,7 @@ def golden(case: str):
 
 def subword_logits(model, ids):
     ids = jnp.asarray(ids)
-    return np.asarray(model({"tokens": ids, "segments": jnp.ones_like(ids)}))
+    return np.asarray(jit_apply(lambda model, ids: model({"tokens": ids, "segments": jnp.ones_like(ids)}), model, ids))
 
 
 @pytest.mark.parametrize("case", CASES)

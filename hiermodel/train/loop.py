@@ -165,7 +165,7 @@ def train(config: Config, devices=None) -> dict:
                                        jax.process_index(), jax.process_count()))
     writer = MetricsWriter(run_dir, config.train.steps)
     tx = optimizer(config.train, config.model.gate)
-    lr_at = schedule(config.train)
+    lr_at = jax.jit(schedule(config.train))  # for the log: one program, not one per operation of the schedule
     peak, peak_source = mesh_peak_flops(config, mesh)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
