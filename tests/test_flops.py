@@ -1,4 +1,4 @@
-"""The analytic FLOP count of each model kind against XLA's cost analysis of the compiled programs;
+"""The analytic FLOP count of each model kind against XLA's cost analysis of its programs;
 model FLOPs against the hardware count; the peak FLOP/s table."""
 
 import jax
@@ -31,17 +31,22 @@ CASES = {
 }
 
 
-def xla_flops(config, rows: int = 4) -> tuple[float, float]:
-    """(train step, scoring forward) FLOPs of the compiled programs on one device."""
+def lowered_programs(config, rows: int = 4):
+    """The train step and the scoring forward on one device, lowered for XLA."""
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     tx = optimizer(config.train, config.model.gate)
     with jax.set_mesh(mesh):
         layout = state_lib.layout(config, tx, mesh)
         step = jax.jit(make_train_step(layout.graphdef, tx, config.train, config.model))
-        train = step.lower(layout.abstract, batch_shapes(config, rows)).compile().cost_analysis()["flops"]
         score = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
-        forward = score.lower(layout.abstract["params"], batch_shapes(config, rows)).compile().cost_analysis()["flops"]
-    return train, forward
+        return (step.lower(layout.abstract, batch_shapes(config, rows)),
+                score.lower(layout.abstract["params"], batch_shapes(config, rows)))
+
+
+def xla_flops(config, rows: int = 4) -> tuple[float, float]:
+    """(train step, scoring forward) FLOPs by XLA's cost analysis of the programs as lowered: a
+    compile would take seconds, and moves the count by under 1% (the remat case below)."""
+    return tuple(program.cost_analysis()["flops"] for program in lowered_programs(config, rows))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -49,6 +54,13 @@ def test_analytic_flops_match_xla_cost_analysis(case):
     config = micro_config(**WIDE, **CASES[case])
     rows, t, w = 4, config.data.row_tokens, config.data.row_words
     train, forward = xla_flops(config, rows)
+    if case == "hat remat full":
+        # Compiled, the count moves by under 1%; with full remat the lowered step still holds some
+        # elementwise recompute that XLA removes, so the bounds below hold for the compiled one.
+        compiled_train, compiled_forward = (program.compile().cost_analysis()["flops"]
+                                            for program in lowered_programs(config, rows))
+        assert train == pytest.approx(compiled_train, rel=0.01) and forward == pytest.approx(compiled_forward, rel=0.01)
+        train, forward = compiled_train, compiled_forward
     analytic_forward = rows * registry.forward_flops(config.model, t, w)
     analytic_train = rows * registry.train_flops(config.model, t, w)
     # XLA also counts elementwise work (softmax, norms, RoPE, the optimizer), which the
