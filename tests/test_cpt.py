@@ -1,5 +1,6 @@
 """Continued pretraining: weights from another run, a new mixture, both languages evaluated."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,13 +13,13 @@ from tools import plot_runs
 def test_continuing_on_a_new_language_reports_old_and_new(corpus, tmp_path):
     english, german = str(corpus / "en_alice_in_wonderland.txt"), str(corpus / "de_alice_im_wunderland.txt")
     data = {"data.chunk_bytes": 2048, "data.holdout": 0.05, "data.eval": f"{english},{german}",
-            "train.eval_every": 3, "train.eval_rows": 0}
+            "train.eval_every": 3, "train.eval_rows": 0, "mesh.data": 1}
     base = micro_config(run_dir=tmp_path / "en", **data, **{"data.train": english, "train.steps": 3})
-    train(base)
+    train(base, devices=jax.devices()[:1])
     continued = micro_config(run_dir=tmp_path / "de", init_from=tmp_path / "en", **data, **{
         "data.train": f"{german},{english}", "data.train_weights": "0.9,0.1", "train.steps": 6,
         "train.freeze": "encoder", "train.warmup_steps": 2})
-    train(continued)
+    train(continued, devices=jax.devices()[:1])
 
     evals = read_metrics(continued.run_dir, "eval")
     assert sorted(evals) == [3, 6] and all({"bpb_en", "bpb_de"} <= set(r) for r in evals.values())
