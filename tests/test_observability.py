@@ -10,7 +10,7 @@ from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
 from tests.conftest import micro_config
 
-ONE_DEVICE = {"mesh.data": 1, "train.batch_size": 4}
+ONE_DEVICE = {"mesh.data": 1}  # and micro.yaml's batch: the programs of other one-device tests, compiled once
 
 
 def saved_steps(run_dir) -> list[int]:
