@@ -76,7 +76,7 @@ SLOWEST_FIRST = ["test_multihost.py", "test_object_storage.py", "test_gates.py",
 
 def pytest_addoption(parser):
     parser.addoption("--all", action="store_true",
-                     help="also run the end-to-end studies marked slow (CI does; about 4 more minutes on 2 cores)")
+                     help="also run the end-to-end studies marked slow (CI does; about 6 more minutes on 2 cores)")
 
 
 def pytest_collection_modifyitems(config, items):
