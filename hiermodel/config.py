@@ -85,7 +85,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # or bfloat16; parameters always stay float32
     remat: str = "none"  # recompute block activations in the backward pass: none, full or save_dots
     scan_layers: bool = False  # run each stack of layers as one lax.scan (fast compiles at depth)
-    attention: str = "auto"  # xla, or cudnn (fused, GPU, bfloat16); auto: cudnn where it applies
+    attention: str = "auto"  # xla, splash (TPU kernel) or flash (GPU kernel); auto: the kernel where it applies
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
 
 

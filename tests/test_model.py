@@ -6,7 +6,7 @@ from flax import nnx
 
 from hiermodel.data.documents import ByteEncoding
 from hiermodel.data.packing import RowBuilder
-from hiermodel.models.layers import dense_attention, fused_attention, local_attention
+from hiermodel.models.layers import dense_attention, local_attention
 from hiermodel.models.registry import build
 from tests.conftest import micro_config
 
@@ -77,17 +77,6 @@ def test_blocked_sliding_window_attention_equals_dense(window, block):
     blocked = jax.jit(local_attention, static_argnums=(4, 5))(q, k, v, segments, window, block)
     np.testing.assert_allclose(blocked, jax.jit(dense_attention, static_argnums=4)(q, k, v, segments, window),
                                atol=1e-5)
-
-
-@pytest.mark.parametrize("window", [0, 37, 100])
-def test_the_fused_attention_call_masks_like_ours(window):
-    """The cuDNN path's masking (causal, within segments, windowed), checked through the same call
-    with jax's XLA implementation: both kernels follow its documented semantics."""
-    q, k, v, segments = random_attention_inputs(window)
-    b, t, kv, g, d = q.shape
-    fused = jax.jit(fused_attention, static_argnums=(4, 5))(q.reshape(b, t, kv * g, d), k, v, segments, window, "xla")
-    dense = jax.jit(dense_attention, static_argnums=4)(q, k, v, segments, window)
-    np.testing.assert_allclose(fused, dense.reshape(b, t, kv * g, d), atol=1e-5)
 
 
 def test_logits_are_finite_with_padding_and_bf16(model):

@@ -1,20 +1,17 @@
 """The Pallas splash attention path (models/splash.py), run by Pallas' interpreter on CPU,
 against this codebase's XLA attention; and the TPU program compiled ahead of time."""
 
-import dataclasses
 import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from hiermodel.models import splash
 from hiermodel.models.layers import attention_score_pairs, xla_attention
-from hiermodel.models.registry import build, model_flops, train_flops
+from hiermodel.models.registry import model_flops, train_flops
 from hiermodel.sharding import make_mesh
-from hiermodel.config import MeshConfig
 from tests.conftest import micro_config
 
 LENGTH = 256  # two 128-position blocks
@@ -54,23 +51,6 @@ def test_the_kernel_in_bfloat16_stays_within_its_rounding():
     want = xla_attention(q, k, v, segments, 48)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=0.05)
-
-
-def test_a_hat_with_the_kernel_on_an_eight_device_mesh_equals_the_xla_one():
-    config = micro_config(**{"model.attention": "splash", "data.row_tokens": 256, "data.row_words": 128})
-    hat = build(config.model, nnx.Rngs(0))
-    graphdef, params = nnx.split(hat)
-    xla_graphdef, _ = nnx.split(build(dataclasses.replace(config.model, attention="xla"), nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, (8, 256)).astype(np.int32)
-    words = np.minimum(np.arange(256) // 3, 127)[None].repeat(8, 0).astype(np.int32)
-    batch = {"tokens": tokens, "segments": np.ones_like(tokens), "words": words,
-             "word_segments": np.ones((8, 128), np.int32)}
-    mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
-    with jax.set_mesh(mesh):
-        sharded = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
-        run = lambda g: jax.jit(lambda p, b: nnx.merge(g, p)(b))(params, sharded)
-        np.testing.assert_allclose(run(graphdef), run(xla_graphdef), atol=2e-4)
 
 
 def test_the_hardware_count_skips_the_blocks_the_kernel_skips():

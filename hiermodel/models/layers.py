@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hiermodel.models.splash import computed_pairs, splash_attention, supports as splash_supports
+from hiermodel.models.flash import computed_pairs as flash_pairs, flash_attention, supports as flash_supports
+from hiermodel.models.splash import computed_pairs as splash_pairs, splash_attention, supports as splash_supports
 from hiermodel.sharding import constrain
 
 LOCAL_BLOCK = 64  # query block of sliding-window attention
@@ -148,19 +149,11 @@ def gated_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, positions_BxT, segment
     return _softmax_attend(logits, mask_BxTxT[:, None, None], v_BxTxKxDh, "bkgts,bskd->btkgd", extra_zero=True)
 
 
-def fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, implementation: str):
-    """jax.nn.dot_product_attention with this codebase's masking: causal, within segments, windowed."""
-    same_Bx1xTxT = (segments_BxT[:, :, None] == segments_BxT[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=same_Bx1xTxT, is_causal=True,
-                                        local_window_size=(window - 1, 0) if window else None,
-                                        implementation=implementation)
-
-
 # model.attention: "xla" is this file's attention (block-local when windowed, so it computes
-# and is counted as T x window); "cudnn" is the fused kernel, GPU only, in 16-bit; "splash" the
-# Pallas kernel of models/splash.py (TPU; interpreted elsewhere). auto: splash on TPU, cudnn on
-# a GPU in 16-bit, else xla.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# and is counted as T x window); "splash" the Pallas kernel of models/splash.py (TPU) and
+# "flash" that of models/flash.py (GPU), each interpreted on other platforms (for tests).
+# auto: splash on TPU, flash on a GPU in 16-bit (Triton computes float32 dots in TF32), else xla.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "flash")
 
 
 def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
@@ -170,7 +163,7 @@ def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return "splash"
-    return "cudnn" if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    return "flash" if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int):
@@ -187,28 +180,34 @@ def xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int)
 
 def attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, setting: str):
     """Causal attention within segments (windowed if window > 0) by the implementation `setting`
-    names; auto and splash choose per platform when the program is lowered, so a step compiled
-    ahead of time for a TPU gets the kernel on any host."""
-    if resolve_attention(setting, q_BxTxHxDh.dtype) == "cudnn":
-        return fused_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, "cudnn")
-    if setting not in ("auto", "splash") or not splash_supports(q_BxTxHxDh.shape[1]):
-        return xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
-    elsewhere = (functools.partial(splash_attention, window=window, interpret=True) if setting == "splash"
-                 else functools.partial(xla_attention, window=window))
-    return jax.lax.platform_dependent(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT,
-                                      tpu=functools.partial(splash_attention, window=window, interpret=False),
-                                      default=elsewhere)
+    names; auto, splash and flash choose per platform when the program is lowered, so a step
+    compiled ahead of time for a TPU gets the kernel on any host."""
+    t, dh = q_BxTxHxDh.shape[1], q_BxTxHxDh.shape[3]
+    kernels = {}
+    if setting in ("auto", "splash") and splash_supports(t):
+        kernels["tpu"] = functools.partial(splash_attention, window=window, interpret=False)
+    if (setting == "flash" or setting == "auto" and resolve_attention(setting, q_BxTxHxDh.dtype, "gpu") == "flash") \
+            and flash_supports(t, dh):
+        kernels["cuda"] = functools.partial(flash_attention, window=window, interpret=False)
+    xla = functools.partial(xla_attention, window=window)
+    if not kernels:
+        return xla(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT)
+    interpreted = {"splash": "tpu", "flash": "cuda"}.get(setting)
+    elsewhere = functools.partial(kernels[interpreted].func, window=window, interpret=True) if interpreted in kernels else xla
+    return jax.lax.platform_dependent(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, **kernels, default=elsewhere)
 
 
 def uses_local_attention(length: int, window: int) -> bool:
     return bool(window) and length > window + LOCAL_BLOCK
 
 
-def attention_score_pairs(length: int, window: int, implementation: str = "xla") -> int:
+def attention_score_pairs(length: int, window: int, implementation: str = "xla", head_dim: int = 0) -> int:
     """Query-key pairs the attention of one row of `length` computes, masked ones included
-    (the splash kernel skips the blocks its mask empties)."""
+    (the kernels skip the blocks their mask empties; flash's tiles depend on `head_dim`)."""
     if implementation == "splash" and splash_supports(length):
-        return computed_pairs(length, window)
+        return splash_pairs(length, window)
+    if implementation == "flash" and flash_supports(length, head_dim):
+        return flash_pairs(length, window)
     if not uses_local_attention(length, window):
         return length * length
     blocks = -(-length // LOCAL_BLOCK)
@@ -397,7 +396,7 @@ def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, 
         reach = min(window or length, length)
         pairs = length * reach - reach * (reach - 1) // 2
     else:
-        pairs = attention_score_pairs(length, window, attention)
+        pairs = attention_score_pairs(length, window, attention, head_dim)
     scores_and_values = 2 * 2 * heads * head_dim * pairs
     if recompute is None:
         return 2 * (inputs + outputs) * length + scores_and_values

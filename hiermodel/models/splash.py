@@ -9,11 +9,9 @@ TPU the same kernel runs in Pallas' interpreter (exact, slow: for tests).
 import functools
 
 import jax
-import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec as P
 
-from hiermodel.sharding import logical_spec
+from hiermodel.models.blockwise import computed_pairs as blockwise_pairs, per_shard
 
 BLOCKS = (512, 256, 128)  # tried in this order; the first that divides the row is used
 
@@ -59,29 +57,12 @@ def _attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, inter
 
 
 def splash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, interpret: bool):
-    """Attention of each row over its own causal (windowed) segment, [B, T, H, Dh]. On a mesh the
-    kernel runs per shard: rows split over the batch axes, heads over the tensor axis."""
+    """Attention of each row over its own causal (windowed) segment, [B, T, H, Dh], per shard."""
     attend = functools.partial(_attend, window=window, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT)
-    sizes = dict(mesh.shape)
-    heads_spec = logical_spec(("batch", "length", "heads", None), q_BxTxHxDh.shape, sizes)
-    kv_spec = logical_spec(("batch", "length", "kv_heads", None), k_BxTxKxDh.shape, sizes)
-    if heads_spec[2] != kv_spec[2]:  # both head counts must split over the tensor axis, or neither
-        heads_spec, kv_spec = P(heads_spec[0]), P(kv_spec[0])
-    segments_spec = P(heads_spec[0])
-    return jax.shard_map(attend, in_specs=(heads_spec, kv_spec, kv_spec, segments_spec), out_specs=heads_spec,
-                         check_vma=False)(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT)
+    return per_shard(attend, q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT)
 
 
 def computed_pairs(length: int, window: int) -> int:
-    """Query-key pairs the kernel computes over one row: every pair of each block the mask
-    does not empty (segments are data, so their empty blocks are not known ahead)."""
+    """Query-key pairs the kernel computes over one row (see blockwise.computed_pairs)."""
     b = block_size(length)
-    n = length // b
-    q_block, k_block = np.arange(n)[:, None], np.arange(n)[None, :]
-    reaches = k_block <= q_block  # causal: blocks on or below the diagonal
-    if window and window < length:  # and those holding a key within the window of some query
-        reaches &= (q_block - k_block) * b - (b - 1) < window
-    return int(reaches.sum()) * b * b
+    return blockwise_pairs(length, window, b, b)

@@ -63,14 +63,19 @@ def batch_shapes(config: Config, rows: int, sharding=None) -> dict:
             for k, s in spec.items()}
 
 
-def compile_train_step(config: Config, mesh):
-    """The train loop's step (same shardings, donation and batch), lowered and compiled."""
+def lower_train_step(config: Config, mesh, platform: str | None = None):
+    """The train loop's step (same shardings, donation and batch), lowered for `platform`
+    (default: the mesh's devices'); lowering for another platform needs none of its devices."""
     tx = optimizer(config.train, config.model.gate)
     layout = state_lib.layout(config, tx, mesh)  # outside the mesh: it runs optax's init on placeholders
     with jax.set_mesh(mesh):
         step = jit_train_step(layout, tx, config, mesh)
         batch = batch_shapes(config, config.train.batch_size, batch_sharding(mesh))
-        return step.lower(layout.abstract, batch).compile()
+        return step.trace(layout.abstract, batch).lower(lowering_platforms=(platform,) if platform else None)
+
+
+def compile_train_step(config: Config, mesh):
+    return lower_train_step(config, mesh).compile()
 
 
 def compile_report(config: Config, devices: list) -> dict:
