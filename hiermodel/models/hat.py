@@ -61,14 +61,19 @@ def _byte_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 
 class DecoderBlock(nnx.Module):
-    """Adds a projection of the word's predictive embedding, then a byte self-attention block."""
+    """Adds a projection of the predictive embedding each byte reads, then a byte self-attention
+    block."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.condition = param(rngs, (cfg.backbone_dim, cfg.byte_dim), ("embed", None))
         self.block = _byte_block(cfg, rngs)
 
-    def __call__(self, x_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT, window: int):
-        x_BxTxD = x_BxTxD + predictive_BxTxDb @ self.condition[...]
+    def __call__(self, x_BxTxD, predictive_BxWxDb, reads_BxT, positions_BxT, segments_BxT, window: int):
+        # Projected per word, then copied to the bytes that read it: the same sums as projecting
+        # each byte's copy, on a fraction of the rows, and the copy's gradient (a scatter-add)
+        # is byte_dim wide instead of backbone_dim.
+        conditioning_BxWxD = predictive_BxWxDb @ self.condition[...]
+        x_BxTxD = x_BxTxD + jnp.take_along_axis(conditioning_BxWxD, reads_BxT[..., None], axis=1)
         return self.block(x_BxTxD, positions_BxT, segments_BxT, window)
 
 
@@ -120,10 +125,9 @@ class HAT(nnx.Module):
         first_BxW = word_segments_BxW != previous_BxW
         shifted_BxWxDb = jnp.pad(predictive_BxWxDb[:, :-1], ((0, 0), (1, 0), (0, 0)))
         shifted_BxWxDb = jnp.where(first_BxW[..., None], self.first_word[...].astype(dtype), shifted_BxWxDb)
-        shifted_BxWxDb = jnp.pad(shifted_BxWxDb, ((0, 0), (0, 1), (0, 0)))  # row for padding bytes
-        predictive_BxTxDb = jnp.take_along_axis(shifted_BxWxDb, words_BxT[..., None], axis=1)
+        shifted_BxW1xDb = jnp.pad(shifted_BxWxDb, ((0, 0), (0, 1), (0, 0)))  # row for padding bytes
 
-        x_BxTxD = run_blocks(self.decoder, h_BxTxD, predictive_BxTxDb, positions_BxT, segments_BxT,
+        x_BxTxD = run_blocks(self.decoder, h_BxTxD, shifted_BxW1xDb, words_BxT, positions_BxT, segments_BxT,
                              cfg.byte_window, remat=cfg.remat, scan=cfg.scan_layers)
         logits_BxTxV = (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
         return (logits_BxTxV, stats) if with_stats else logits_BxTxV
@@ -191,8 +195,9 @@ def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: 
     byte_block = block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
                              cfg.byte_window, recompute, causal_pairs, cfg.attention)
     backbone = stack_flops(cfg, row_words, 0, recompute, causal_pairs)
-    # Inside the decoder's blocks; a remat never recomputes it (its result only feeds a sum).
-    conditioning = 2 * row_tokens * cfg.backbone_dim * cfg.byte_dim if recompute is None else 0
+    # Inside the decoder's blocks, per word and the padding row; a remat never recomputes it
+    # (its result only feeds a sum).
+    conditioning = 2 * (row_words + 1) * cfg.backbone_dim * cfg.byte_dim if recompute is None else 0
     blocks = (cfg.encoder_layers + cfg.decoder_layers) * byte_block + backbone + cfg.decoder_layers * conditioning
     if recompute is not None:
         return blocks
