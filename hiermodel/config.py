@@ -83,10 +83,17 @@ class ModelConfig:
     m1: str = ""  # eiw: the run directory of M1, the byte model whose coder made the shards
     tokenizer: str = ""  # subword: a file made by tools/train_tokenizer.py
     compute_dtype: str = "float32"  # or bfloat16; parameters always stay float32
-    remat: str = "none"  # recompute block activations in the backward pass: none, full or save_dots
+    remat: str = "none"  # recompute block activations in the backward pass: none, full, save_dots or offload
+    encoder_remat: str = ""  # hat: the byte encoder's own remat ("": model.remat)
+    backbone_remat: str = ""  # the word (hat) or token stack's own remat ("": model.remat)
+    decoder_remat: str = ""  # hat: the byte decoder's own remat ("": model.remat)
     scan_layers: bool = False  # run each stack of layers as one lax.scan (fast compiles at depth)
     attention: str = "auto"  # xla, splash (TPU kernel) or flash (GPU kernel); auto: the kernel where it applies
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+
+    def remat_of(self, stack: str) -> str:
+        """The remat of `stack` (encoder, backbone or decoder): its own, else model.remat."""
+        return getattr(self, f"{stack}_remat") or self.remat
 
 
 @dataclasses.dataclass

@@ -76,3 +76,17 @@ def test_the_pod_launchers_libtpu_flags_are_all_known_to_libtpu():
                             env={**os.environ, "LIBTPU_INIT_ARGS": flags}, timeout=600)
     assert result.returncode == 0 and "Unknown command line flag" not in result.stderr, result.stderr
     assert "v5p-8: 4 x TPU v5" in result.stdout and "(fits;" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_offload_remat_keeps_layer_inputs_in_host_memory_on_tpu():
+    """remat=offload, compiled for TPU: buffers in the host memory space (S(5)), which full
+    remat's program does not have; on CPU (one memory) it computes what full remat does."""
+    from hiermodel.train.aot import compile_train_step
+
+    def host_buffers(remat: str) -> int:
+        config = micro_config(**{"mesh.data": 1, "mesh.fsdp": -1, "train.batch_size": 8, "model.remat": remat,
+                                 "model.scan_layers": True})
+        return compile_train_step(config, make_mesh(config.mesh, target_devices("v5p-8"))).as_text().count("S(5)")
+
+    assert host_buffers("full") == 0 and host_buffers("offload") > 0

@@ -25,6 +25,8 @@ CASES = {
     "byte local": {"model.kind": "byte"},
     "subword": {"model.kind": "subword", "model.vocab_size": 1024},
     "hat remat full": {"model.kind": "hat", "model.remat": "full"},
+    "hat remat per stack": {"model.kind": "hat", "model.encoder_remat": "offload", "model.backbone_remat": "save_dots",
+                            "model.decoder_remat": "full"},
     "byte remat save_dots": {"model.kind": "byte", "model.remat": "save_dots"},
     "byte gated": {"model.kind": "byte", "model.gate.layer": 1},
     "hat gated": {"model.kind": "hat", "model.gate.layer": 1},
@@ -109,7 +111,8 @@ MODEL_CASES = {**CASES, "byte dense": {"model.kind": "byte", "model.byte_window"
 
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_model_flops_are_hardware_flops_less_the_masked_attention_pairs(case):
-    config = micro_config(**WIDE, **{**MODEL_CASES[case], "model.remat": "none"})
+    no_remat = {f"model.{stack}remat": "" for stack in ("encoder_", "backbone_", "decoder_")}
+    config = micro_config(**WIDE, **{**MODEL_CASES[case], **no_remat, "model.remat": "none"})
     t, w = config.data.row_tokens, config.data.row_words
     model, hardware = registry.model_flops(config.model, t, w), registry.train_flops(config.model, t, w)
     assert 0 < model < hardware

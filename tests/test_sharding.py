@@ -109,7 +109,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 @pytest.mark.parametrize("options", [{"model.remat": "full"},
-                                     {"model.remat": "save_dots", "model.scan_layers": True}])
+                                     {"model.encoder_remat": "offload", "model.backbone_remat": "save_dots",
+                                      "model.decoder_remat": "full", "model.scan_layers": True}])
 def test_rematerialisation_and_scanned_layers_change_no_loss(tmp_path, options):
     _, plain = run(tmp_path, "plain", "1", **{"train.steps": 3})
     _, changed = run(tmp_path, "changed", "1", **{"train.steps": 3, **options})

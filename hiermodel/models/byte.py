@@ -43,10 +43,11 @@ class TransformerLM(nnx.Module):
         stats = None
         if self.cfg.gate.layer:
             x_BxTxD, stats = run_gated(self.blocks, self.gate, x_BxTxD, tokens_BxT, positions_BxT, segments_BxT,
-                                       self.window, deletion, remat=self.cfg.remat, scan=self.cfg.scan_layers)
+                                       self.window, deletion, remat=self.cfg.remat_of("backbone"),
+                                       scan=self.cfg.scan_layers)
         else:
             x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window,
-                                 remat=self.cfg.remat, scan=self.cfg.scan_layers)
+                                 remat=self.cfg.remat_of("backbone"), scan=self.cfg.scan_layers)
         logits_BxTxV = self.logits(self.norm(x_BxTxD))
         return (logits_BxTxV, stats) if with_stats else logits_BxTxV
 
@@ -77,11 +78,12 @@ class TransformerLM(nnx.Module):
 
 
 def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: int,
-                      recompute: str | None = None, causal_pairs: bool = False) -> int:
-    """Matmul FLOPs of TransformerLM's forward over one row; with `recompute` (a model.remat
-    value), only what the backward pass computes again; causal_pairs: see block_flops."""
-    return (stack_flops(cfg, length, window, recompute, causal_pairs)
-            + (2 * length * cfg.backbone_dim * vocab_size if recompute is None else 0))
+                      recompute: bool = False, causal_pairs: bool = False) -> int:
+    """Matmul FLOPs of TransformerLM's forward over one row; with `recompute`, only what the
+    backward pass computes again (by the stack's remat); causal_pairs: see block_flops."""
+    if recompute:
+        return stack_flops(cfg, length, window, cfg.remat_of("backbone"))
+    return stack_flops(cfg, length, window, None, causal_pairs) + 2 * length * cfg.backbone_dim * vocab_size
 
 
 def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | None = None,
@@ -102,6 +104,6 @@ class ByteLM(TransformerLM):
         super().__init__(cfg, VOCAB_SIZE, cfg.byte_window, rngs)
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None,
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: bool = False,
                   causal_pairs: bool = False) -> int:
     return transformer_flops(cfg, VOCAB_SIZE, cfg.byte_window, row_tokens, recompute, causal_pairs)

@@ -17,6 +17,6 @@ class WindowLM(TransformerLM):
         super().__init__(cfg, window_vocab_size(cfg), 0, rngs)
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None,
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: bool = False,
                   causal_pairs: bool = False) -> int:
     return transformer_flops(cfg, window_vocab_size(cfg), 0, row_tokens, recompute, causal_pairs)

@@ -103,8 +103,8 @@ class HAT(nnx.Module):
         positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
 
         h_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
-        h_BxTxD = run_blocks(self.encoder, h_BxTxD, positions_BxT, segments_BxT, cfg.byte_window, remat=cfg.remat,
-                             scan=cfg.scan_layers)
+        h_BxTxD = run_blocks(self.encoder, h_BxTxD, positions_BxT, segments_BxT, cfg.byte_window,
+                             remat=cfg.remat_of("encoder"), scan=cfg.scan_layers)
 
         words_BxWxDb = self.pool(h_BxTxD, words_BxT, num_words)
         word_positions_BxW = jnp.broadcast_to(jnp.arange(num_words), word_segments_BxW.shape)
@@ -113,11 +113,12 @@ class HAT(nnx.Module):
             # The random baseline is seeded by the words' byte counts, as words have no token ids.
             lengths_BxW = _segment_op(jax.ops.segment_sum, jnp.ones_like(words_BxT), words_BxT, num_words + 1)
             words_BxWxDb, stats = run_gated(self.backbone, self.gate, words_BxWxDb, lengths_BxW[:, :num_words],
-                                            word_positions_BxW, word_segments_BxW, 0, deletion, remat=cfg.remat,
+                                            word_positions_BxW, word_segments_BxW, 0, deletion,
+                                            remat=cfg.remat_of("backbone"),
                                             scan=cfg.scan_layers)
         else:
             words_BxWxDb = run_blocks(self.backbone, words_BxWxDb, word_positions_BxW, word_segments_BxW,
-                                      remat=cfg.remat, scan=cfg.scan_layers)
+                                      remat=cfg.remat_of("backbone"), scan=cfg.scan_layers)
         predictive_BxWxDb = self.backbone_norm(words_BxWxDb)
 
         # Byte t reads the summary of the word before its own; a segment's first word has none.
@@ -128,7 +129,7 @@ class HAT(nnx.Module):
         shifted_BxW1xDb = jnp.pad(shifted_BxWxDb, ((0, 0), (0, 1), (0, 0)))  # row for padding bytes
 
         x_BxTxD = run_blocks(self.decoder, h_BxTxD, shifted_BxW1xDb, words_BxT, positions_BxT, segments_BxT,
-                             cfg.byte_window, remat=cfg.remat, scan=cfg.scan_layers)
+                             cfg.byte_window, remat=cfg.remat_of("decoder"), scan=cfg.scan_layers)
         logits_BxTxV = (self.head_norm(x_BxTxD) @ self.head[...]).astype(jnp.float32)
         return (logits_BxTxV, stats) if with_stats else logits_BxTxV
 
@@ -187,20 +188,22 @@ class HAT(nnx.Module):
         return (self.head_norm(x_BxSxD) @ self.head[...]).astype(jnp.float32), state
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None,
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: bool = False,
                   causal_pairs: bool = False) -> int:
     """Matmul FLOPs of the forward over one row, as computed (masked attention pairs included);
-    with `recompute` (a model.remat value), only what the backward pass computes again;
+    with `recompute`, only what the backward pass computes again (by each stack's remat);
     causal_pairs: attention over the kept pairs only (see block_flops)."""
-    byte_block = block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads, cfg.byte_mlp_dim,
-                             cfg.byte_window, recompute, causal_pairs, cfg.attention)
-    backbone = stack_flops(cfg, row_words, 0, recompute, causal_pairs)
+    byte_block = lambda remat: block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads,
+                                           cfg.byte_mlp_dim, cfg.byte_window, remat, causal_pairs, cfg.attention)
+    if recompute:
+        return (cfg.encoder_layers * byte_block(cfg.remat_of("encoder"))
+                + stack_flops(cfg, row_words, 0, cfg.remat_of("backbone"))
+                + cfg.decoder_layers * byte_block(cfg.remat_of("decoder")))
     # Inside the decoder's blocks, per word and the padding row; a remat never recomputes it
     # (its result only feeds a sum).
-    conditioning = 2 * (row_words + 1) * cfg.backbone_dim * cfg.byte_dim if recompute is None else 0
-    blocks = (cfg.encoder_layers + cfg.decoder_layers) * byte_block + backbone + cfg.decoder_layers * conditioning
-    if recompute is not None:
-        return blocks
+    conditioning = 2 * (row_words + 1) * cfg.backbone_dim * cfg.byte_dim
+    blocks = ((cfg.encoder_layers + cfg.decoder_layers) * byte_block(None) + cfg.decoder_layers * conditioning
+              + stack_flops(cfg, row_words, 0, None, causal_pairs))
     pool_width = cfg.pool_heads * (cfg.byte_dim // cfg.pool_heads)
     pooling = (2 * 2 * row_tokens * cfg.byte_dim * pool_width  # keys and values
                + 2 * row_tokens * pool_width  # scores

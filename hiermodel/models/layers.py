@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hiermodel.models.flash import computed_pairs as flash_pairs, flash_attention, supports as flash_supports
 from hiermodel.models.splash import computed_pairs as splash_pairs, splash_attention, supports as splash_supports
@@ -355,6 +356,11 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     # Weight matmuls are kept; attention scores and elementwise work are recomputed.
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # As full, but each layer's input waits for the backward in host memory, not on the device:
+    # the copies overlap the next layers' compute (where the platform has a separate host memory).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -371,7 +377,7 @@ def run_blocks(blocks, x_BxTxD, *args, remat: str = "none", scan: bool = False):
     layers = [nnx.split(block)[1] for block in blocks]
 
     def layer(x, weights):
-        return nnx.merge(graphdef, weights)(x, *args), None
+        return nnx.merge(graphdef, weights)(checkpoint_name(x, "layer_input"), *args), None
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
@@ -401,4 +407,5 @@ def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, 
     if recompute is None:
         return 2 * (inputs + outputs) * length + scores_and_values
     # Gradients need the inputs of every matmul but not the outputs of the last two.
-    return {"none": 0, "save_dots": scores_and_values, "full": 2 * inputs * length + scores_and_values}[recompute]
+    everything = 2 * inputs * length + scores_and_values
+    return {"none": 0, "save_dots": scores_and_values, "full": everything, "offload": everything}[recompute]

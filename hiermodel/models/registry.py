@@ -28,8 +28,9 @@ def check_kind(config: ModelConfig) -> None:
         raise UserError(f"model.kind={config.kind!r} is not one of {', '.join(KINDS)}")
     if config.kind == "subword" and config.vocab_size < 258:
         raise UserError(f"model.vocab_size={config.vocab_size}: model.kind=subword needs the tokenizer's size")
-    if config.remat not in ("none", *REMAT_POLICIES):
-        raise UserError(f"model.remat={config.remat!r}: use none, {', '.join(REMAT_POLICIES)}")
+    for key in ("remat", "encoder_remat", "backbone_remat", "decoder_remat"):
+        if getattr(config, key) not in ("none", *REMAT_POLICIES) and (key == "remat" or getattr(config, key)):
+            raise UserError(f"model.{key}={getattr(config, key)!r}: use none, {', '.join(REMAT_POLICIES)}")
     if config.kind == "eiw" and not (16 <= config.window_bits <= 32 and config.window_token_bits in (8, 16, 32)
                                      and config.window_bits % config.window_token_bits == 0
                                      and config.window_token_bits <= 16):
@@ -70,7 +71,7 @@ def train_flops(config: ModelConfig, row_tokens: int, row_words: int, platform: 
     """Hardware matmul FLOPs of one row's training step (for HFU): the backward pass costs two
     forwards, plus what the remat policy computes again; attention counts every pair its
     implementation on `platform` computes."""
-    recomputed = KINDS[config.kind][1](_resolved(config, platform), row_tokens, row_words, config.remat)
+    recomputed = KINDS[config.kind][1](_resolved(config, platform), row_tokens, row_words, recompute=True)
     return 3 * forward_flops(config, row_tokens, row_words, platform) + recomputed
 
 

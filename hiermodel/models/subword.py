@@ -12,6 +12,6 @@ class SubwordLM(TransformerLM):
         super().__init__(cfg, cfg.vocab_size, 0, rngs)
 
 
-def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: str | None = None,
+def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: bool = False,
                   causal_pairs: bool = False) -> int:
     return transformer_flops(cfg, cfg.vocab_size, 0, row_tokens, recompute, causal_pairs)
