@@ -2,6 +2,7 @@
 codebase's XLA attention; and a train step lowered for CUDA, which needs no GPU."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -23,7 +24,7 @@ LENGTH = 256  # four 64-position blocks
 HEAD_DIM = 16
 
 
-def packed_inputs(dtype, heads: int, kv_heads: int, rows: int = 2, seed: int = 0):
+def packed_inputs(dtype, heads: int, kv_heads: int, rows: int = 2, seed: int = 0, head_dim: int = HEAD_DIM):
     """Rows packed with many short documents (1 to 40 positions) and trailing padding (segment 0)."""
     rng = np.random.default_rng(seed)
     segments = np.zeros((rows, LENGTH), np.int32)
@@ -33,7 +34,7 @@ def packed_inputs(dtype, heads: int, kv_heads: int, rows: int = 2, seed: int = 0
             length = int(rng.integers(1, 41))
             segments[row, at:at + length] = segment
             at, segment = at + length, segment + 1
-    shape = lambda h: (rows, LENGTH, h, HEAD_DIM)
+    shape = lambda h: (rows, LENGTH, h, head_dim)
     q, k, v = (jnp.asarray(rng.normal(size=shape(h)), dtype) for h in (heads, kv_heads, kv_heads))
     return q, k, v, jnp.asarray(segments)
 
@@ -68,6 +69,21 @@ def test_the_kernel_in_bfloat16_stays_within_its_rounding():
     expected = jax.grad(loss(xla_attention), argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
     for got, want in zip(grads, expected):
         assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs a GPU (Triton)")
+@pytest.mark.parametrize("window, heads, kv_heads, head_dim", [(0, 4, 2, 64), (48, 2, 2, 128), (200, 4, 1, 64)])
+def test_the_compiled_kernel_on_a_gpu_equals_xla_attention(window, heads, kv_heads, head_dim):
+    q, k, v, segments = packed_inputs(jnp.bfloat16, heads, kv_heads, head_dim=head_dim)
+    loss = lambda f: (lambda q, k, v: f(q, k, v, segments, window).astype(jnp.float32).sum())
+    compiled = functools.partial(flash.flash_attention, interpret=False)
+    exact = [x.astype(jnp.float32) for x in (q, k, v)]
+    np.testing.assert_allclose(np.asarray(jax.jit(compiled, static_argnums=4)(q, k, v, segments, window), np.float32),
+                               jax.jit(xla_attention, static_argnums=4)(*exact, segments, window), atol=0.05)
+    grads = jax.jit(jax.grad(loss(compiled), argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.jit(jax.grad(loss(xla_attention), argnums=(0, 1, 2)))(*exact)
+    for got, want in zip(grads, expected):
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0.05)
 
 
