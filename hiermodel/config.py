@@ -83,7 +83,7 @@ class ModelConfig:
     m1: str = ""  # eiw: the run directory of M1, the byte model whose coder made the shards
     tokenizer: str = ""  # subword: a file made by tools/train_tokenizer.py
     compute_dtype: str = "float32"  # or bfloat16; parameters always stay float32
-    remat: str = "none"  # recompute block activations in the backward pass: none, full, save_dots or offload
+    remat: str = "none"  # recompute in the backward: none, full, save_dots, offload, save_attention
     encoder_remat: str = ""  # hat: the byte encoder's own remat ("": model.remat)
     backbone_remat: str = ""  # the word (hat) or token stack's own remat ("": model.remat)
     decoder_remat: str = ""  # hat: the byte decoder's own remat ("": model.remat)

@@ -128,6 +128,26 @@ def test_a_bfloat16_train_step_lowered_for_cuda_runs_the_kernel_and_builds_no_sc
     assert not scores
 
 
+@pytest.mark.parametrize("remat, runs", [("full", 2), ("save_attention", 1)])
+def test_save_attention_keeps_the_forward_kernels_output_for_the_backward(remat, runs):
+    """Full remat runs each attention's forward kernel again in the backward; save_attention
+    keeps its outputs instead, and the FLOP count drops by exactly that attention's scores."""
+    config = micro_config(**{"model.compute_dtype": "bfloat16", "model.remat": remat, "mesh.data": 1, "mesh.fsdp": 1,
+                             "train.batch_size": 2})
+    text = lower_train_step(config, make_mesh(config.mesh, jax.devices()[:1]), "cuda").as_text()
+    m = config.model
+    layers = m.encoder_layers + m.backbone_layers + m.decoder_layers
+    assert re.findall(r'name = "(flash_\w+)"', text).count("flash_forward") == runs * layers
+    shape = (config.model, config.data.row_tokens, config.data.row_words)
+    full = dataclasses.replace(config.model, remat="full")
+    saved = train_flops(full, *shape[1:], platform="gpu") - train_flops(*shape, platform="gpu")
+    byte_pairs, word_pairs = (attention_score_pairs(t, w, "flash", 16) for t, w in
+                              ((config.data.row_tokens, m.byte_window), (config.data.row_words, 0)))
+    scores = 2 * 2 * ((m.encoder_layers + m.decoder_layers) * m.byte_dim * byte_pairs
+                      + m.backbone_layers * m.backbone_dim * word_pairs)
+    assert saved == (scores if remat == "save_attention" else 0)
+
+
 def test_the_hardware_count_skips_the_blocks_the_kernel_skips():
     assert not flash.supports(100, 16) and not flash.supports(256, 8) and not flash.supports(256, 48)
     assert attention_score_pairs(100, 0, "flash", 16) == 100 * 100  # the XLA attention's

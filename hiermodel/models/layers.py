@@ -202,13 +202,17 @@ def uses_local_attention(length: int, window: int) -> bool:
     return bool(window) and length > window + LOCAL_BLOCK
 
 
+def uses_kernel(length: int, head_dim: int, implementation: str) -> bool:
+    """Whether the resolved `implementation` runs a Pallas kernel on rows of `length`."""
+    return ((implementation == "splash" and splash_supports(length))
+            or (implementation == "flash" and flash_supports(length, head_dim)))
+
+
 def attention_score_pairs(length: int, window: int, implementation: str = "xla", head_dim: int = 0) -> int:
     """Query-key pairs the attention of one row of `length` computes, masked ones included
     (the kernels skip the blocks their mask empties; flash's tiles depend on `head_dim`)."""
-    if implementation == "splash" and splash_supports(length):
-        return splash_pairs(length, window)
-    if implementation == "flash" and flash_supports(length, head_dim):
-        return flash_pairs(length, window)
+    if uses_kernel(length, head_dim, implementation):
+        return {"splash": splash_pairs, "flash": flash_pairs}[implementation](length, window)
     if not uses_local_attention(length, window):
         return length * length
     blocks = -(-length // LOCAL_BLOCK)
@@ -361,6 +365,10 @@ REMAT_POLICIES = {
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
         offload_src="device", offload_dst="pinned_host"),
+    # As full, but the attention kernels' forward outputs (the attention and its softmax
+    # statistics, the size of one activation) are kept, so the backward does not run the
+    # forward kernel again. Without a kernel (the XLA attention) this is full.
+    "save_attention": lambda primitive, *_, **__: primitive.name == "pallas_call",
 }
 
 
@@ -408,4 +416,6 @@ def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, 
         return 2 * (inputs + outputs) * length + scores_and_values
     # Gradients need the inputs of every matmul but not the outputs of the last two.
     everything = 2 * inputs * length + scores_and_values
-    return {"none": 0, "save_dots": scores_and_values, "full": everything, "offload": everything}[recompute]
+    but_kernels = 2 * inputs * length if uses_kernel(length, head_dim, attention) else everything
+    return {"none": 0, "save_dots": scores_and_values, "full": everything, "offload": everything,
+            "save_attention": but_kernels}[recompute]
