@@ -62,8 +62,18 @@ def test_the_hardware_count_skips_the_blocks_the_kernel_skips():
     # A 768-byte window reaches the diagonal block and two or three below it, never four.
     assert attention_score_pairs(16384, 768, "splash") == (n + (n - 1) + (n - 2)) * 512 * 512
     config = micro_config(**{"data.row_tokens": 16384, "data.row_words": 4096, "model.byte_window": 768})
-    shape = (config.model, 16384, 4096)
-    assert model_flops(*shape) < train_flops(*shape, platform="tpu") < train_flops(*shape, platform="cpu")
+    m, shape = config.model, (config.model, 16384, 4096)
+    assert model_flops(*shape) < train_flops(*shape, platform="tpu")
+
+    def kernel_minus_xla(layers: int, dim: int, length: int, window: int) -> int:
+        """Three forwards over the kernel's pairs instead of XLA's, and its backward's rescoring
+        (7 attention matmuls for autodiff's 4): 1.5 forwards of its pairs."""
+        kernel, xla = attention_score_pairs(length, window, "splash"), attention_score_pairs(length, window)
+        return layers * 2 * 2 * dim * (3 * (kernel - xla) + 3 * kernel // 2)
+
+    difference = (kernel_minus_xla(m.encoder_layers + m.decoder_layers, m.byte_dim, 16384, 768)
+                  + kernel_minus_xla(m.backbone_layers, m.backbone_dim, 4096, 0))
+    assert train_flops(*shape, platform="tpu") - train_flops(*shape, platform="cpu") == difference
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")

@@ -400,7 +400,8 @@ def run_blocks(blocks, x_BxTxD, *args, remat: str = "none", scan: bool = False):
 def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, window: int = 0,
                 recompute: str | None = None, causal_pairs: bool = False, attention: str = "xla") -> int:
     """Matmul FLOPs of one Block's forward over one row of `length` positions, as computed; with
-    `recompute` (a model.remat value), only what the backward pass computes again. causal_pairs:
+    `recompute` (a model.remat value), only what the backward pass computes beyond two forwards
+    (the remat's recompute, and a kernel's rescoring). causal_pairs:
     attention over only the query-key pairs the causal mask and window keep, each once (model
     FLOPs), instead of every pair the kernel computes (attention: the resolved model.attention)."""
     head_dim = dim // heads
@@ -416,6 +417,10 @@ def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, 
         return 2 * (inputs + outputs) * length + scores_and_values
     # Gradients need the inputs of every matmul but not the outputs of the last two.
     everything = 2 * inputs * length + scores_and_values
-    but_kernels = 2 * inputs * length if uses_kernel(length, head_dim, attention) else everything
-    return {"none": 0, "save_dots": scores_and_values, "full": everything, "offload": everything,
-            "save_attention": but_kernels}[recompute]
+    kernel = uses_kernel(length, head_dim, attention)
+    # A kernel's backward (one kernel for dQ, one for dK and dV) computes the scores and dP in
+    # each: 7 attention matmuls where autodiff's backward has 4.
+    rescored = 3 * scores_and_values // 4 * 2 if kernel else 0
+    policy = {"none": 0, "save_dots": scores_and_values, "full": everything, "offload": everything,
+              "save_attention": 2 * inputs * length if kernel else everything}
+    return policy[recompute] + rescored
