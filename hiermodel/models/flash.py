@@ -152,7 +152,8 @@ def _forward(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, interpret
     return _call(kernel, "flash_forward", (b, h, t // BLOCK),
                  [spec["block"](), spec["row"](True), spec["row"](True), spec["segments"]],
                  [spec["block"](), spec["stat_block"]],
-                 [jax.ShapeDtypeStruct(q_BxTxHxDh.shape, q_BxTxHxDh.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+                 [jax.ShapeDtypeStruct(q_BxTxHxDh.shape, q_BxTxHxDh.dtype),
+                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
                  interpret, dh)(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT)
 
 

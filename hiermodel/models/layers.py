@@ -184,18 +184,20 @@ def attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window: int, set
     names; auto, splash and flash choose per platform when the program is lowered, so a step
     compiled ahead of time for a TPU gets the kernel on any host."""
     t, dh = q_BxTxHxDh.shape[1], q_BxTxHxDh.shape[3]
-    kernels = {}
+    kernels = {}  # by the platform each is lowered for
     if setting in ("auto", "splash") and splash_supports(t):
-        kernels["tpu"] = functools.partial(splash_attention, window=window, interpret=False)
-    if (setting == "flash" or setting == "auto" and resolve_attention(setting, q_BxTxHxDh.dtype, "gpu") == "flash") \
-            and flash_supports(t, dh):
-        kernels["cuda"] = functools.partial(flash_attention, window=window, interpret=False)
-    xla = functools.partial(xla_attention, window=window)
+        kernels["tpu"] = splash_attention
+    if resolve_attention(setting, q_BxTxHxDh.dtype, "gpu") == "flash" and flash_supports(t, dh):
+        kernels["cuda"] = flash_attention
     if not kernels:
-        return xla(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT)
-    interpreted = {"splash": "tpu", "flash": "cuda"}.get(setting)
-    elsewhere = functools.partial(kernels[interpreted].func, window=window, interpret=True) if interpreted in kernels else xla
-    return jax.lax.platform_dependent(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, **kernels, default=elsewhere)
+        return xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window)
+    lowered = {platform: functools.partial(kernel, window=window, interpret=False)
+               for platform, kernel in kernels.items()}
+    # A kernel named by the setting runs interpreted on other platforms (the tests); auto runs XLA.
+    named = {"splash": "tpu", "flash": "cuda"}.get(setting)
+    elsewhere = functools.partial(kernels[named], window=window, interpret=True) if named in kernels else \
+        functools.partial(xla_attention, window=window)
+    return jax.lax.platform_dependent(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, **lowered, default=elsewhere)
 
 
 def uses_local_attention(length: int, window: int) -> bool:
