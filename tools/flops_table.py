@@ -15,7 +15,7 @@ def main(paths: list[str]) -> int:
     from hiermodel import config as config_lib
     from hiermodel.models.registry import forward_flops, model_flops, train_flops
 
-    print("| config | batch rows | row tokens | hardware FLOPs per step | of which remat's recompute "
+    print("| config | batch rows | row tokens | hardware FLOPs per step | of which remat's recompute and kernels' rescoring "
           "| model FLOPs per step | model / hardware |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for path in paths:

@@ -28,8 +28,9 @@ NEG = -1e30  # a running maximum that is finite, so a fully masked block gives e
 
 
 def supports(length: int, head_dim: int) -> bool:
-    """Triton tiles are powers of two of at least 16; other shapes keep the XLA attention."""
-    return length % BLOCK == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Triton tiles are powers of two of at least 16, and BLOCK is sized for head dims up to
+    128; other shapes keep the XLA attention."""
+    return length % BLOCK == 0 and 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
 
 
 def computed_pairs(length: int, window: int) -> int:
@@ -126,7 +127,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, segments_ref, do_ref, lse_ref, delta_ref, dq
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _specs(b, t, h, kv, dh):
+def _specs(t, h, kv, dh):
     """Block specs over the grid (row, query head, block): one block of a head, a whole row of
     a head (the query head's key/value head where `of_kv`), a row of segments, a block or a row
     of per-head statistics."""
@@ -147,7 +148,7 @@ def _call(kernel, name, grid, in_specs, out_specs, out_shape, interpret, dh):
 
 def _forward(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, window, interpret):
     b, t, h, dh = q_BxTxHxDh.shape
-    spec = _specs(b, t, h, k_BxTxKxDh.shape[2], dh)
+    spec = _specs(t, h, k_BxTxKxDh.shape[2], dh)
     kernel = functools.partial(_forward_kernel, window=window, scale=dh ** -0.5)
     return _call(kernel, "flash_forward", (b, h, t // BLOCK),
                  [spec["block"](), spec["row"](True), spec["row"](True), spec["segments"]],
@@ -171,7 +172,7 @@ def _flash_backward(window, interpret, residuals, dout_BxTxHxDh):
     q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, out_BxTxHxDh, lse_BxHxT = residuals
     b, t, h, dh = q_BxTxHxDh.shape
     kv = k_BxTxKxDh.shape[2]
-    spec = _specs(b, t, h, kv, dh)
+    spec = _specs(t, h, kv, dh)
     delta_BxHxT = jnp.einsum("bthd,bthd->bht", out_BxTxHxDh.astype(jnp.float32), dout_BxTxHxDh.astype(jnp.float32))
     args = (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, dout_BxTxHxDh.astype(q_BxTxHxDh.dtype), lse_BxHxT,
             delta_BxHxT)

@@ -14,7 +14,8 @@ from flax import nnx
 from hiermodel.config import ModelConfig
 from hiermodel.models.byte import backbone_block, stack_flops
 from hiermodel.models.gates import DeleteGate, empty_gated_caches, extend_gated, run_gated
-from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks, write_at
+from hiermodel.models.layers import (RECOMPUTE_ALL, Block, RMSNorm, block_flops, empty_cache, param, rope, run_blocks,
+                                     write_at)
 from hiermodel.text.words import VOCAB_SIZE
 
 
@@ -68,12 +69,12 @@ class DecoderBlock(nnx.Module):
         self.condition = param(rngs, (cfg.backbone_dim, cfg.byte_dim), ("embed", None))
         self.block = _byte_block(cfg, rngs)
 
-    def __call__(self, x_BxTxD, predictive_BxWxDb, reads_BxT, positions_BxT, segments_BxT, window: int):
+    def __call__(self, x_BxTxD, predictive_BxW1xDb, reads_BxT, positions_BxT, segments_BxT, window: int):
         # Projected per word, then copied to the bytes that read it: the same sums as projecting
         # each byte's copy, on a fraction of the rows, and the copy's gradient (a scatter-add)
         # is byte_dim wide instead of backbone_dim.
-        conditioning_BxWxD = predictive_BxWxDb @ self.condition[...]
-        x_BxTxD = x_BxTxD + jnp.take_along_axis(conditioning_BxWxD, reads_BxT[..., None], axis=1)
+        conditioning_BxW1xD = predictive_BxW1xDb @ self.condition[...]
+        x_BxTxD = x_BxTxD + jnp.take_along_axis(conditioning_BxW1xD, reads_BxT[..., None], axis=1)
         return self.block(x_BxTxD, positions_BxT, segments_BxT, window)
 
 
@@ -195,13 +196,14 @@ def forward_flops(cfg: ModelConfig, row_tokens: int, row_words: int, recompute: 
     causal_pairs: attention over the kept pairs only (see block_flops)."""
     byte_block = lambda remat: block_flops(row_tokens, cfg.byte_dim, cfg.byte_heads, cfg.byte_kv_heads,
                                            cfg.byte_mlp_dim, cfg.byte_window, remat, causal_pairs, cfg.attention)
+    # Inside the decoder's blocks, per word and the padding row; a remat that keeps no matmul
+    # computes it again, as the block's first norm needs the sum it feeds.
+    conditioning = 2 * (row_words + 1) * cfg.backbone_dim * cfg.byte_dim
     if recompute:
+        decoder = cfg.remat_of("decoder")
         return (cfg.encoder_layers * byte_block(cfg.remat_of("encoder"))
                 + stack_flops(cfg, row_words, 0, cfg.remat_of("backbone"))
-                + cfg.decoder_layers * byte_block(cfg.remat_of("decoder")))
-    # Inside the decoder's blocks, per word and the padding row; a remat never recomputes it
-    # (its result only feeds a sum).
-    conditioning = 2 * (row_words + 1) * cfg.backbone_dim * cfg.byte_dim
+                + cfg.decoder_layers * (byte_block(decoder) + (conditioning if decoder in RECOMPUTE_ALL else 0)))
     blocks = ((cfg.encoder_layers + cfg.decoder_layers) * byte_block(None) + cfg.decoder_layers * conditioning
               + stack_flops(cfg, row_words, 0, None, causal_pairs))
     pool_width = cfg.pool_heads * (cfg.byte_dim // cfg.pool_heads)

@@ -212,7 +212,7 @@ def uses_kernel(length: int, head_dim: int, implementation: str) -> bool:
 
 def attention_score_pairs(length: int, window: int, implementation: str = "xla", head_dim: int = 0) -> int:
     """Query-key pairs the attention of one row of `length` computes, masked ones included
-    (the kernels skip the blocks their mask empties; flash's tiles depend on `head_dim`)."""
+    (the kernels skip the blocks their mask empties; whether flash runs depends on `head_dim`)."""
     if uses_kernel(length, head_dim, implementation):
         return {"splash": splash_pairs, "flash": flash_pairs}[implementation](length, window)
     if not uses_local_attention(length, window):
@@ -372,6 +372,7 @@ REMAT_POLICIES = {
     # forward kernel again. Without a kernel (the XLA attention) this is full.
     "save_attention": lambda primitive, *_, **__: primitive.name == "pallas_call",
 }
+RECOMPUTE_ALL = ("full", "offload", "save_attention")  # the policies that keep no weight matmul's result
 
 
 def run_blocks(blocks, x_BxTxD, *args, remat: str = "none", scan: bool = False):
@@ -408,7 +409,7 @@ def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, 
     FLOPs), instead of every pair the kernel computes (attention: the resolved model.attention)."""
     head_dim = dim // heads
     inputs = dim * heads * head_dim + 2 * dim * kv_heads * head_dim + 2 * dim * mlp_dim  # q, k, v, gate, up
-    outputs = heads * head_dim * dim + mlp_dim * dim  # attention and MLP out: their results feed only sums
+    attention_out, mlp_out = heads * head_dim * dim, mlp_dim * dim
     if causal_pairs:  # query t keeps min(t + 1, reach) keys
         reach = min(window or length, length)
         pairs = length * reach - reach * (reach - 1) // 2
@@ -416,13 +417,14 @@ def block_flops(length: int, dim: int, heads: int, kv_heads: int, mlp_dim: int, 
         pairs = attention_score_pairs(length, window, attention, head_dim)
     scores_and_values = 2 * 2 * heads * head_dim * pairs
     if recompute is None:
-        return 2 * (inputs + outputs) * length + scores_and_values
-    # Gradients need the inputs of every matmul but not the outputs of the last two.
-    everything = 2 * inputs * length + scores_and_values
+        return 2 * (inputs + attention_out + mlp_out) * length + scores_and_values
+    # Gradients need the inputs of every matmul, and the MLP's norm the sum the attention's
+    # output feeds; only the MLP's output (the next block's saved input) is not recomputed.
+    everything = 2 * (inputs + attention_out) * length + scores_and_values
     kernel = uses_kernel(length, head_dim, attention)
     # A kernel's backward (one kernel for dQ, one for dK and dV) computes the scores and dP in
     # each: 7 attention matmuls where autodiff's backward has 4.
-    rescored = 3 * scores_and_values // 4 * 2 if kernel else 0
+    rescored = 3 * scores_and_values // 2 if kernel else 0
     policy = {"none": 0, "save_dots": scores_and_values, "full": everything, "offload": everything,
-              "save_attention": 2 * inputs * length if kernel else everything}
+              "save_attention": everything - scores_and_values if kernel else everything}
     return policy[recompute] + rescored

@@ -75,6 +75,7 @@ def lower_train_step(config: Config, mesh, platform: str | None = None):
 
 
 def compile_train_step(config: Config, mesh):
+    """The train loop's step, compiled for the mesh's devices."""
     return lower_train_step(config, mesh).compile()
 
 
