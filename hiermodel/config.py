@@ -14,6 +14,10 @@ class GateConfig:
     """MrT5-style delete gate (REFERENCE.md section 2): `byte` gates bytes, `hat` gates words in its backbone."""
 
     layer: int = 0  # > 0: the gate reads the output of this many layers of the gated stack; 0: no gate
+    # > 0: the stack's last this many layers run on every position again, after the deep update is
+    # carried (an hourglass's upsampling). In a causal stack every deleted position must still
+    # predict; these layers let it read the deep states of the kept positions before it does.
+    full_layers: int = 0
     k: float = -30.0  # gate values lie in (k, 0); a position is deleted below k / 2
     bias: float = 1.0  # initial bias: gates start near k * sigmoid(-1), nothing deleted
     target: float = 0.5  # deletion rate the controller holds

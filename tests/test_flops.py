@@ -30,6 +30,8 @@ CASES = {
     "byte remat save_dots": {"model.kind": "byte", "model.remat": "save_dots"},
     "byte gated": {"model.kind": "byte", "model.gate.layer": 1},
     "hat gated": {"model.kind": "hat", "model.gate.layer": 1},
+    "byte gated, last layer full": {"model.kind": "byte", "model.backbone_layers": 3, "model.gate.layer": 1,
+                                    "model.gate.full_layers": 1, "model.byte_window": 48},
 }
 
 
@@ -97,7 +99,7 @@ def attention_gap(model, t: int, w: int) -> int:
             model.byte_dim, attention_score_pairs(t, model.byte_window), kept_pairs(t, model.byte_window))
         return 3 * (byte + model.backbone_layers * excess(model.backbone_dim, w * w, kept_pairs(w, 0)))
     window = model.byte_window if model.kind == "byte" else 0
-    gated = model.backbone_layers - model.gate.layer if model.gate.layer else 0
+    gated = model.backbone_layers - model.gate.layer - model.gate.full_layers if model.gate.layer else 0
     ungated = (model.backbone_layers - gated) * excess(
         model.backbone_dim, attention_score_pairs(t, window), kept_pairs(t, window))
     # After a gate the attention is dense but its mask still has the window.

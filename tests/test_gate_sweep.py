@@ -30,11 +30,28 @@ def test_summary_pairs_each_seed_with_its_own_baselines():
     assert "vs_random" not in rows["en", "learned 0.5, later=x"]  # random deletes after another layer
     assert rows["en", "learned 0.5"]["vs_random"] == pytest.approx([-0.06, -0.03])
     assert "cost" not in rows["en", "no gate"] and "vs_random" not in rows["fi", "learned 0.5"]
+    # A random variant by any name is the twin when it deletes from the same layers.
+    results += [{**_result("en", seed, "random 0.5, after layer 2", bpb, 0.5), "layer": 2, "mode": "random"}
+                for seed, bpb in ((0, 2.05), (1, 3.01))]
+    rows = {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}
+    assert rows["en", "learned 0.5, later=x"]["vs_random"] == pytest.approx([-0.03, -0.01])
+    for r in results[-2:]:
+        r["full_layers"] = 1
+    assert "vs_random" not in {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}["en", "learned 0.5, later=x"]
     table = gate_sweep.summary_markdown(gate_sweep.summarize(results))
     en_line = next(line for line in table.splitlines() if line.startswith("| en | learned"))
     fi_line = next(line for line in table.splitlines() if line.startswith("| fi | learned"))
     assert "+1.50 ± 0.71%" in en_line and "| met |" in en_line  # 47% deleted for 1.5%
     assert "+10.00%" in fi_line and "| not met |" in fi_line  # one seed: no spread
+
+
+def test_computed_share_counts_the_gated_layers_on_the_capacity():
+    run = {**_result("en", 0, "learned 0.5", 2.0, 0.5), "layer": 1, "layers": 4}
+    run["hard"]["positions_after_gate"] = 0.6
+    assert gate_sweep.computed_share(run) == pytest.approx((1 + 3 * 0.6) / 4)
+    assert gate_sweep.computed_share({**run, "full_layers": 1}) == pytest.approx((2 + 2 * 0.6) / 4)
+    assert gate_sweep.computed_share({**run, "layer": 0}) == 1.0
+    assert gate_sweep.computed_share(_result("en", 0, "learned 0.5", 2.0, 0.5)) is None  # an older result
 
 
 def test_variants_add_runs_with_their_overrides():

@@ -41,10 +41,15 @@ def saturate(model) -> None:
     model.gate.b[...] = jnp.zeros_like(model.gate.b[...])
 
 
-@pytest.mark.parametrize("kind", ["byte", "hat"])
-def test_hard_deletion_equals_soft_when_gates_saturate(kind):
+# The stack's last layer on every position again, after two gated ones.
+LAST_LAYER_FULL = {"model.backbone_layers": 4, "model.gate.full_layers": 1}
+
+
+@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL), ("hat", LAST_LAYER_FULL)],
+                         ids=["byte", "hat", "byte, last layer full", "hat, last layer full"])
+def test_hard_deletion_equals_soft_when_gates_saturate(kind, extra):
     # Slack so that the capacity holds every kept position: no overflow.
-    model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5})
+    model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5, **extra})
     saturate(model)
     batch = batch_of(TEXT, SECOND)
     soft, soft_stats = forward(model, batch, "soft")
@@ -57,9 +62,10 @@ def test_hard_deletion_equals_soft_when_gates_saturate(kind):
     np.testing.assert_allclose(np.asarray(hard)[valid], np.asarray(soft)[valid], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["byte", "hat"])
-def test_hard_deletion_is_causal_without_overflow(kind):
-    model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5})
+@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL)],
+                         ids=["byte", "hat", "byte, last layer full"])
+def test_hard_deletion_is_causal_without_overflow(kind, extra):
+    model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5, **extra})
     logits = np.asarray(forward(model, batch_of(TEXT), "hard")[0])
     for t in [5, 30, 60]:
         changed = np.asarray(forward(model, batch_of(TEXT[:t + 1] + b"Q" * (len(TEXT) - t - 1)), "hard")[0])
@@ -91,6 +97,8 @@ def test_segment_starts_are_always_kept():
 
 def test_bad_gate_settings_are_rejected():
     for overrides, message in [({"model.gate.layer": 2}, "at least one layer"),
+                               ({"model.gate.full_layers": 1}, "model.gate.full_layers=1"),
+                               ({"model.gate.full_layers": -1}, "model.gate.full_layers=-1"),
                                ({"model.gate.logit_cap": 20.0}, "logit_cap"),
                                ({"model.gate.mode": "fixed"}, "learned or random"),
                                ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001"),

@@ -22,12 +22,15 @@ from tests.conftest import MICRO, micro_config
 # Gated: hard deletion of about half the positions (untrained gates with bias 0), and a target
 # of 0 so the full forward's capacity holds every position (the cache has no capacity).
 GATED = {"model.gate.layer": 1, "model.gate.bias": 0.0, "model.gate.target": 0.0}
+# ... and the stack's last layer on every position again after the gated one.
+LAST_LAYER_FULL = {**GATED, "model.backbone_layers": 3, "model.gate.full_layers": 1}
+BYTE_MODELS = {"plain": {}, "gated": GATED, "gated, last layer full": LAST_LAYER_FULL}
 
 
-@pytest.fixture(scope="module", params=["plain", "gated"])
+@pytest.fixture(scope="module", params=list(BYTE_MODELS))
 def byte_model(request):
     # byte_window 48: the uncached forward is block-local
-    config = micro_config(**{"model.kind": "byte", **(GATED if request.param == "gated" else {})})
+    config = micro_config(**{"model.kind": "byte", **BYTE_MODELS[request.param]})
     graphdef, params = nnx.split(build(config.model, nnx.Rngs(0)))
     return config, graphdef, nnx.to_pure_dict(params)
 

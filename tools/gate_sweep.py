@@ -107,10 +107,30 @@ def _spread(values: list[float], fmt: str) -> str:
     return format(mean, fmt) + (f" ± {format(statistics.stdev(values), fmt.lstrip('+'))}" if len(values) > 1 else "")
 
 
+def _random_twin(results: list[dict], run: dict) -> dict | None:
+    """The random-deletion run of the same corpus and seed that deletes at `run`'s target from the
+    same layers: the learned gate's baseline."""
+    shape = lambda r: (r["corpus"], r["seed"], r["target"], r.get("layer"), r.get("full_layers", 0))
+    return next((r for r in results if r.get("mode", "random" if r["name"].startswith("random") else "learned")
+                 == "random" and shape(r) == shape(run)), None)
+
+
+def computed_share(run: dict) -> float | None:
+    """Layer-positions the gated model computes at inference (hard deletion), as a share of the
+    ungated model's: the layers before the gate and the full layers on every position, the gated
+    ones on the capacity."""
+    if "layers" not in run:
+        return None
+    if not run.get("layer"):
+        return 1.0
+    gated = run["layers"] - run["layer"] - run.get("full_layers", 0)
+    return (run["layers"] - gated + gated * run["hard"]["positions_after_gate"]) / run["layers"]
+
+
 def summarize(results: list[dict]) -> list[dict]:
-    """Per corpus and variant, over seeds: bits per byte, deletion (held out, hard), the relative
-    cost against no gate and the difference to random deletion at the same rate and layer, both
-    paired by seed."""
+    """Per corpus and variant, over seeds: bits per byte, deletion (held out, hard), the share of
+    layer-positions computed, the relative cost against no gate and the difference to random
+    deletion at the same rate from the same layers, both paired by seed."""
     by_key = {(r["corpus"], r["seed"], r["name"]): r for r in results}
     rows = []
     for corpus in dict.fromkeys(r["corpus"] for r in results):
@@ -118,31 +138,33 @@ def summarize(results: list[dict]) -> list[dict]:
             runs = [r for r in results if r["corpus"] == corpus and r["name"] == name]
             row = {"corpus": corpus, "name": name, "seeds": [r["seed"] for r in runs],
                    "bpb": [r["hard"]["bpb"] for r in runs],
-                   "deleted": [r["hard"].get("deletion_rate", 0.0) for r in runs]}
+                   "deleted": [r["hard"].get("deletion_rate", 0.0) for r in runs],
+                   "computed": [computed_share(r) for r in runs]}
             base = [by_key.get((corpus, r["seed"], "no gate")) for r in runs]
             if name != "no gate" and all(base):
                 row["cost"] = [r["hard"]["bpb"] / b["hard"]["bpb"] - 1 for r, b in zip(runs, base)]
             if name.startswith("learned"):
-                random = [by_key.get((corpus, r["seed"], f"random {r['target']:g}")) for r in runs]
-                # Only a random gate at the same layer deletes from the same layers.
-                if all(random) and all(r.get("layer") == q.get("layer") for r, q in zip(runs, random)):
+                random = [_random_twin(results, r) for r in runs]
+                if all(random):
                     row["vs_random"] = [r["hard"]["bpb"] - q["hard"]["bpb"] for r, q in zip(runs, random)]
             rows.append(row)
     return rows
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    lines = ["| corpus | run | seeds | bpb (hard) | deleted, held out | Δbpb vs no gate | learned − random (bpb) | "
-             "MrT5's bar |", "|---" * 8 + "|"]
+    lines = ["| corpus | run | seeds | bpb (hard) | deleted, held out | layer-positions computed | Δbpb vs no gate | "
+             "learned − random (bpb) | MrT5's bar |", "|---" * 9 + "|"]
     for row in rows:
         cost = _spread([100 * c for c in row["cost"]], "+.2f") + "%" if "cost" in row else "-"
         vs_random = _spread(row["vs_random"], "+.4f") if "vs_random" in row else "-"
+        computed = f"{statistics.fmean(row['computed']):.1%}" if None not in row["computed"] else "-"
         bar = "-"
         if "cost" in row and row["name"].startswith("learned"):
             met = (statistics.fmean(row["deleted"]) >= MIN_DELETION and statistics.fmean(row["cost"]) <= MAX_COST)
             bar = "met" if met else "not met"
         lines.append(f"| {row['corpus']} | {row['name']} | {len(row['seeds'])} | {_spread(row['bpb'], '.4f')} | "
-                     f"{_spread([100 * d for d in row['deleted']], '.1f')}% | {cost} | {vs_random} | {bar} |")
+                     f"{_spread([100 * d for d in row['deleted']], '.1f')}% | {computed} | {cost} | {vs_random} | "
+                     f"{bar} |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,8 +176,10 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
         return json.loads(done.read_text())
     print(f"== {corpus}, seed {seed}, {name}: training {config.run_dir}", file=sys.stderr, flush=True)
     logged = train(config)
-    result = {"corpus": corpus, "seed": seed, "name": name,
-              "target": config.model.gate.target if config.model.gate.layer else 0.0, "layer": config.model.gate.layer,
+    gate = config.model.gate
+    result = {"corpus": corpus, "seed": seed, "name": name, "target": gate.target if gate.layer else 0.0,
+              "layer": gate.layer, "full_layers": gate.full_layers, "mode": gate.mode if gate.layer else "none",
+              "layers": config.model.backbone_layers,
               "train": logged, "hard": _score(config, "hard"), "training_rate": training_rate(config.run_dir)}
     if soft:
         result["soft"] = _score(config, "soft")

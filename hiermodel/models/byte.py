@@ -59,7 +59,7 @@ class TransformerLM(nnx.Module):
         cfg = self.cfg
         caches = [empty_cache(batch, length, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
                               self.embed[...].dtype) for _ in range(cfg.backbone_layers)]
-        return empty_gated_caches(caches, cfg.gate.layer, cfg.backbone_dim) if cfg.gate.layer else caches
+        return empty_gated_caches(caches, cfg.gate, cfg.backbone_dim) if cfg.gate.layer else caches
 
     def extend(self, tokens_BxS, positions_BxS, caches: list[dict]):
         """Next-token logits of S new tokens at the given positions, attending to the caches
@@ -93,7 +93,7 @@ def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | Non
     causal_pairs they count the pairs their mask keeps, window included."""
     block = lambda w, attention: block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
                                              cfg.backbone_mlp_dim, w, recompute, causal_pairs, attention)
-    gated = cfg.backbone_layers - cfg.gate.layer if cfg.gate.layer else 0
+    gated = cfg.backbone_layers - cfg.gate.layer - cfg.gate.full_layers if cfg.gate.layer else 0
     gate = gate_flops(cfg.backbone_dim, length) if gated and recompute is None else 0
     gated_window = window if causal_pairs else 0
     return (cfg.backbone_layers - gated) * block(window, cfg.attention) + gated * block(gated_window, "xla") + gate

@@ -5,7 +5,8 @@ Layers after it see G added to the logits of each key (soft deletion, training),
 on the positions with G > k / 2, compacted to a static capacity (hard deletion, inference).
 Either way every position still gets an output for the loss: its own layer-l state plus the
 deep update (final - layer-l state) of the last kept position (the soft mode's carry is hard
-in the forward pass, soft in the backward), so the two modes agree when gates saturate.
+in the forward pass, soft in the backward), so the two modes agree when gates saturate. The
+stack's last `full_layers` layers then run on every position again.
 """
 
 import math
@@ -65,30 +66,45 @@ def _carry_last_kept(kept_BxN, update_BxNxD, initial_BxD=None):
 
 def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segments_BxN, window: int,
               deletion: str, remat: str = "none", scan: bool = False):
-    """The stack with a delete gate after layer gate.cfg.layer. Segment starts are always kept,
-    so the carried update never crosses documents. Returns the output and the gate's statistics."""
+    """The stack with a delete gate after layer gate.cfg.layer (and its last gate.cfg.full_layers
+    on every position again). Segment starts are always kept, so the carried update never crosses
+    documents. Returns the output and the gate's statistics."""
     cfg = gate.cfg
     if deletion not in DELETION_MODES:
         raise ValueError(f"deletion={deletion!r}: use soft or hard")
+    end = len(blocks) - cfg.full_layers
     h_BxNxD = run_blocks(blocks[:cfg.layer], x_BxNxD, positions_BxN, segments_BxN, window, remat=remat, scan=scan)
     valid_BxN = segments_BxN > 0
     starts_BxN = segments_BxN != jnp.pad(segments_BxN[:, :-1], ((0, 0), (1, 0)))
     gates_BxN = gate(h_BxNxD, tokens_BxN, starts_BxN & valid_BxN, valid_BxN)
-    later = blocks[cfg.layer:]
-    if deletion == "soft":
-        deep_BxNxD = run_blocks(later, h_BxNxD, positions_BxN, segments_BxN, window,
-                                KeyGates(gates_BxN.astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
-        kept_BxN = 1.0 - gates_BxN / cfg.k
-        # The carry is hard in the forward pass, as at inference, with the soft weight's gradient
-        # (straight through): a half-open gate must not pass half a deep update that hard
-        # deletion would then take away.
-        hard_BxN = (gates_BxN > cfg.k / 2).astype(kept_BxN.dtype)
-        carried_BxN = kept_BxN + jax.lax.stop_gradient(hard_BxN - kept_BxN)
-        update_BxNxD = _carry_last_kept(carried_BxN, deep_BxNxD - h_BxNxD)
-        stats = {"kept": kept_BxN, "gates": gates_BxN, "valid": valid_BxN}
-        return h_BxNxD + update_BxNxD, stats
+    deleting = _soft_deletion if deletion == "soft" else _hard_deletion
+    update_BxNxD, stats = deleting(blocks[cfg.layer:end], cfg, h_BxNxD, gates_BxN, valid_BxN, positions_BxN,
+                                   segments_BxN, window, remat, scan)
+    out_BxNxD = run_blocks(blocks[end:], h_BxNxD + update_BxNxD, positions_BxN, segments_BxN, window,
+                           remat=remat, scan=scan)
+    return out_BxNxD, stats
 
-    # Hard: the top-C passing positions in their original order; the rest are skipped.
+
+def _soft_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, positions_BxN, segments_BxN, window,
+                   remat, scan):
+    """Every position through the gated layers, deleted keys masked by their gate values; returns
+    each position's carried deep update and the statistics."""
+    deep_BxNxD = run_blocks(middle, h_BxNxD, positions_BxN, segments_BxN, window,
+                            KeyGates(gates_BxN.astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
+    kept_BxN = 1.0 - gates_BxN / cfg.k
+    # The carry is hard in the forward pass, as at inference, with the soft weight's gradient
+    # (straight through): a half-open gate must not pass half a deep update that hard
+    # deletion would then take away.
+    hard_BxN = (gates_BxN > cfg.k / 2).astype(kept_BxN.dtype)
+    carried_BxN = kept_BxN + jax.lax.stop_gradient(hard_BxN - kept_BxN)
+    update_BxNxD = _carry_last_kept(carried_BxN, deep_BxNxD - h_BxNxD)
+    return update_BxNxD, {"kept": kept_BxN, "gates": gates_BxN, "valid": valid_BxN}
+
+
+def _hard_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, positions_BxN, segments_BxN, window,
+                   remat, scan):
+    """The top-C passing positions, in their original order, through the gated layers; the rest
+    are skipped. Returns each position's carried deep update and the statistics."""
     n, c = segments_BxN.shape[1], capacity(segments_BxN.shape[1], cfg)
     passing_BxN = valid_BxN & (gates_BxN > cfg.k / 2)
     score_BxN = jnp.where(passing_BxN, gates_BxN, -jnp.inf)
@@ -99,7 +115,7 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     take = lambda a: jnp.take_along_axis(a, top_BxC.reshape(top_BxC.shape + (1,) * (a.ndim - 2)), axis=1)
     compact_BxCxD = take(h_BxNxD)
     segments_BxC = jnp.where(chosen_BxC, take(segments_BxN), -1)  # unused slots see only each other
-    deep_BxCxD = run_blocks(later, compact_BxCxD, take(positions_BxN), segments_BxC, window,
+    deep_BxCxD = run_blocks(middle, compact_BxCxD, take(positions_BxN), segments_BxC, window,
                             KeyGates(take(gates_BxN).astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
     update_BxCxD = jnp.where(chosen_BxC[..., None], deep_BxCxD - compact_BxCxD, 0)
     kept_BxN = jax.vmap(lambda k, i, c: k.at[i].max(c))(jnp.zeros_like(valid_BxN), top_BxC, chosen_BxC)
@@ -109,17 +125,17 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     update_BxNxD = jnp.where((slot_BxN >= 0)[..., None], carried_BxNxD, 0)
     stats = {"kept": kept_BxN.astype(jnp.float32), "gates": gates_BxN, "valid": valid_BxN,
              "overflow": (passing_BxN & ~kept_BxN).sum(), "capacity": jnp.float32(c / n)}
-    return h_BxNxD + update_BxNxD, stats
+    return update_BxNxD, stats
 
 
-def empty_gated_caches(caches: list[dict], layer: int, dim: int) -> list[dict]:
-    """Key/value caches of a gated stack for extend_gated: the layers after the gate also keep
-    their keys' gate values, and the first of them each position's carried update."""
+def empty_gated_caches(caches: list[dict], cfg: GateConfig, dim: int) -> list[dict]:
+    """Key/value caches of a gated stack for extend_gated: the gated layers also keep their keys'
+    gate values, and the first of them each position's carried update."""
     caches = [dict(c) for c in caches]
     b, length = caches[0]["k"].shape[:2]
-    for cache in caches[layer:]:
+    for cache in caches[cfg.layer:len(caches) - cfg.full_layers]:
         cache["gate"] = jnp.zeros((b, length), jnp.float32)
-    caches[layer]["update"] = jnp.zeros((b, length, dim), caches[0]["k"].dtype)
+    caches[cfg.layer]["update"] = jnp.zeros((b, length, dim), caches[0]["k"].dtype)
     return caches
 
 
@@ -135,8 +151,9 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     gates_BxS = gate(x_BxSxD, tokens_BxS, positions_BxS == 0, jnp.ones_like(positions_BxS, bool))
     kept_BxS = gates_BxS > cfg.k / 2
     key_gates = KeyGates(jnp.where(kept_BxS, gates_BxS, -jnp.inf), cfg.logit_cap)
+    end = len(blocks) - cfg.full_layers
     deep_BxSxD = x_BxSxD
-    for i in range(cfg.layer, len(blocks)):
+    for i in range(cfg.layer, end):
         deep_BxSxD, caches[i] = blocks[i].extend(deep_BxSxD, positions_BxS, caches[i], window, key_gates)
     store = caches[cfg.layer]
     start_B = positions_BxS[:, 0]
@@ -144,7 +161,10 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     initial_BxD = jnp.where((start_B > 0)[:, None], before_BxD, 0)
     update_BxSxD = _carry_last_kept(kept_BxS, deep_BxSxD - x_BxSxD, initial_BxD)
     caches[cfg.layer] = {**store, "update": write_at(store["update"], update_BxSxD, positions_BxS)}
-    return x_BxSxD + update_BxSxD, caches
+    out_BxSxD = x_BxSxD + update_BxSxD
+    for i in range(end, len(blocks)):
+        out_BxSxD, caches[i] = blocks[i].extend(out_BxSxD, positions_BxS, caches[i], window)
+    return out_BxSxD, caches
 
 
 def gate_flops(dim: int, length: int) -> int:

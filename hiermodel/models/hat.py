@@ -144,7 +144,7 @@ class HAT(nnx.Module):
         backbone = [empty_cache(batch, row_words, cfg.backbone_kv_heads, cfg.backbone_dim // cfg.backbone_heads,
                                 dtype) for _ in self.backbone]
         if cfg.gate.layer:
-            backbone = empty_gated_caches(backbone, cfg.gate.layer, cfg.backbone_dim)
+            backbone = empty_gated_caches(backbone, cfg.gate, cfg.backbone_dim)
         return {"encoder": [byte_cache() for _ in self.encoder], "decoder": [byte_cache() for _ in self.decoder],
                 "backbone": backbone, "h": jnp.zeros((batch, row_tokens, cfg.byte_dim), dtype),
                 "predictive": jnp.zeros((batch, row_words, cfg.backbone_dim), dtype)}

@@ -37,8 +37,10 @@ def check_kind(config: ModelConfig) -> None:
         raise UserError(f"model.window_bits={config.window_bits}, model.window_token_bits={config.window_token_bits}: "
                         "windows of 16 to 32 bits, as tokens of 8 or 16 bits that divide them")
     gate = config.gate
-    if gate.layer and not 0 < gate.layer < config.backbone_layers:
-        raise UserError(f"model.gate.layer={gate.layer}: the gate needs at least one layer before and after it "
+    if gate.layer and not (0 < gate.layer and gate.layer + gate.full_layers < config.backbone_layers
+                           and gate.full_layers >= 0):
+        raise UserError(f"model.gate.layer={gate.layer}, model.gate.full_layers={gate.full_layers}: the gate needs "
+                        f"at least one layer before it and one gated layer after it, before the full layers "
                         f"(model.backbone_layers={config.backbone_layers})")
     if gate.mode not in ("learned", "random"):
         raise UserError(f"model.gate.mode={gate.mode!r}: use learned or random")
