@@ -88,9 +88,10 @@ def transformer_flops(cfg: ModelConfig, vocab_size: int, window: int, length: in
 
 def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | None = None,
                 causal_pairs: bool = False) -> int:
-    """Matmul FLOPs of the backbone-shaped stack over `length` positions; with a gate, its layers
-    after the gate compute every position (soft deletion) and attend densely, so counted; with
-    causal_pairs they count the pairs their mask keeps, window included."""
+    """Matmul FLOPs of the backbone-shaped stack over `length` positions; with a gate, its gated
+    layers (after the gate, before any full layers) compute every position (soft deletion) and
+    attend densely, so counted; with causal_pairs they count the pairs their mask keeps, window
+    included."""
     block = lambda w, attention: block_flops(length, cfg.backbone_dim, cfg.backbone_heads, cfg.backbone_kv_heads,
                                              cfg.backbone_mlp_dim, w, recompute, causal_pairs, attention)
     gated = cfg.backbone_layers - cfg.gate.layer - cfg.gate.full_layers if cfg.gate.layer else 0
