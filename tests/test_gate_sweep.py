@@ -51,7 +51,7 @@ def test_computed_share_counts_the_gated_layers_on_the_capacity():
     assert gate_sweep.computed_share(run) == pytest.approx((1 + 3 * 0.6) / 4)
     assert gate_sweep.computed_share({**run, "full_layers": 1}) == pytest.approx((2 + 2 * 0.6) / 4)
     assert gate_sweep.computed_share({**run, "layer": 0}) == 1.0
-    assert gate_sweep.computed_share(_result("en", 0, "learned 0.5", 2.0, 0.5)) is None  # an older result
+    assert gate_sweep.computed_share({**_result("en", 0, "learned 0.5", 2.0, 0.5), "layer": 1}) is None  # older
 
 
 def test_variants_add_runs_with_their_overrides():

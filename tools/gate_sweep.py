@@ -119,10 +119,10 @@ def computed_share(run: dict) -> float | None:
     """Layer-positions the gated model computes at inference (hard deletion), as a share of the
     ungated model's: the layers before the gate and the full layers on every position, the gated
     ones on the capacity."""
-    if "layers" not in run:
-        return None
     if not run.get("layer"):
         return 1.0
+    if "layers" not in run:  # written before results recorded the stack's depth
+        return None
     gated = run["layers"] - run["layer"] - run.get("full_layers", 0)
     return (run["layers"] - gated + gated * run["hard"]["positions_after_gate"]) / run["layers"]
 
