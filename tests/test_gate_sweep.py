@@ -94,3 +94,24 @@ def test_the_cost_split_classes_each_target_byte_and_adds_up_to_the_whole_differ
     spaces_kept = next(r for r in rows if r["class"] == "whitespace" and r["position"] == "kept")
     where = (classes == 0) & ~deleted
     assert spaces_kept["bpb_gated"] == pytest.approx(gated[where].mean())
+
+
+def test_a_byte_is_repeated_when_it_and_its_context_occurred_earlier_in_the_window():
+    from tools import gate_cost
+
+    text = b"the cat sat; the cat ran; the cat sat"
+    tokens = np.array([list(text)])
+
+    def brute_force(window):  # position i predicts byte i+1: does text[i-3:i+2] end earlier, in the window?
+        return [i for i in range(3, len(text) - 1)
+                if any(text[e - 4:e + 1] == text[i - 3:i + 2] for e in range(max(4, i + 1 - window + 1) if window
+                                                                              else 4, i + 1))]
+
+    repeated = gate_cost.repeated_in_window(tokens, 0, context=3)
+    assert np.nonzero(repeated[0])[0].tolist() == brute_force(0) and len(brute_force(0)) > 5
+    second = text.index(b"the cat ran")
+    assert repeated[0, second + 6] and not repeated[0, second + 7]  # "cat " repeats, "cat r" does not
+    assert repeated[0, len(text) - 2]  # the last "sat" repeats the first
+    # Outside the window an earlier occurrence does not count: "the cat" recurs 13 bytes later.
+    near = gate_cost.repeated_in_window(tokens, 13, context=3)
+    assert np.nonzero(near[0])[0].tolist() == brute_force(13) and near.sum() < repeated.sum()

@@ -1,7 +1,9 @@
 """Where a byte-level delete gate's cost comes from: the gated run and a run without a gate are
 scored on the same held-out bytes, and the difference in bits is split by whether the gate
 deleted the predicting position (its prediction then lacks the layers after the gate) and by
-what the predicted byte is (whitespace, a word's first byte, a later byte of a word).
+what the predicted byte is (whitespace, a word's first byte, a later byte of a word), and again
+by whether copying could predict it (the byte and the bytes before it occurred earlier in the
+attention window: what an induction head finds).
 
     python tools/gate_cost.py GATED_RUN BASE_RUN [--output FILE.json]
 """
@@ -28,6 +30,28 @@ def byte_classes(tokens_BxT) -> np.ndarray:
     return np.where(space_next_BxT, 0, np.where(space_now_BxT, 1, 2))
 
 
+REPEAT_CLASSES = ("novel", "repeated")
+# A byte counts as repeated when it and this many bytes before it occurred earlier in the window.
+REPEAT_CONTEXT = 6
+
+
+def repeated_in_window(tokens_BxT, window: int, context: int = REPEAT_CONTEXT) -> np.ndarray:
+    """1 where position t's target (token t+1) ends a run of context + 1 tokens that already
+    occurred ending at some earlier target within `window` positions (0: the whole row), else 0;
+    [B, T]. Copying the earlier occurrence's next token would predict it."""
+    b, t = tokens_BxT.shape
+    out = np.zeros((b, t), np.int64)
+    for row in range(b):
+        seen = {}
+        tokens = tokens_BxT[row].tolist()
+        for pos in range(context, t - 1):
+            gram = tuple(tokens[pos - context:pos + 2])
+            earlier = seen.get(gram)
+            out[row, pos] = earlier is not None and (not window or pos - earlier < window)
+            seen[gram] = pos
+    return out
+
+
 def _per_position(run_dir: str):
     """Per scored position of the held-out split: bits, deleted (or None), target class."""
     import jax
@@ -41,7 +65,7 @@ def _per_position(run_dir: str):
     config, mesh, graphdef, params = load_params(run_dir)
     if config.model.kind != "byte":
         raise UserError(f"{run_dir}: model.kind={config.model.kind}; this split is for the byte model's gate")
-    bits, deleted, classes = [], [], []
+    bits, deleted, classes, repeated = [], [], [], []
     with jax.set_mesh(mesh):
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh,
                                  jax.tree.map(lambda p: p.sharding, params), "hard")
@@ -52,17 +76,19 @@ def _per_position(run_dir: str):
             scored = batch["loss_mask"] > 0
             bits.append(to_host(scores["bits"])[scored])
             classes.append(byte_classes(batch["tokens"])[scored])
+            repeated.append(repeated_in_window(batch["tokens"], config.model.byte_window)[scored])
             if "deleted" in scores:
                 deleted.append(to_host(scores["deleted"])[scored])
-    return np.concatenate(bits), np.concatenate(deleted) if deleted else None, np.concatenate(classes)
+    return (np.concatenate(bits), np.concatenate(deleted) if deleted else None, np.concatenate(classes),
+            np.concatenate(repeated))
 
 
-def split_cost(gated_bits, base_bits, deleted, classes) -> list[dict]:
+def split_cost(gated_bits, base_bits, deleted, classes, names=CLASSES) -> list[dict]:
     """Rows per (class, deleted or kept): share of bytes, bits per byte of either run, and the
     share of the whole difference in bits that the row accounts for."""
-    total = gated_bits.sum() - base_bits.sum()
+    total = float(gated_bits.sum() - base_bits.sum())
     rows = []
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(names):
         for was_deleted in (False, True):
             where = (classes == c) & (deleted == was_deleted)
             n = int(where.sum())
@@ -76,10 +102,10 @@ def split_cost(gated_bits, base_bits, deleted, classes) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], gated_bits, base_bits) -> str:
+def markdown(rows: list[dict], gated_bits, base_bits, heading: str = "predicted byte") -> str:
     lines = [f"bpb without gate {base_bits.mean():.4f}, gated {gated_bits.mean():.4f} "
              f"({gated_bits.mean() / base_bits.mean() - 1:+.2%}) on {len(base_bits):,} bytes", "",
-             "| predicted byte | predicting position | share of bytes | bpb without gate | bpb gated | "
+             f"| {heading} | predicting position | share of bytes | bpb without gate | bpb gated | "
              "extra bits per byte (of all bytes) | share of the cost |", "|---" * 7 + "|"]
     for r in rows:
         lines.append(f"| {r['class']} | {r['position']} | {r['share']:.1%} | {r['bpb_base']:.3f} | "
@@ -94,8 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", help="also write the rows as JSON here")
     args = p.parse_args(argv)
     try:
-        gated_bits, deleted, classes = _per_position(args.gated_run)
-        base_bits, _, base_classes = _per_position(args.base_run)
+        gated_bits, deleted, classes, repeated = _per_position(args.gated_run)
+        base_bits, _, base_classes, _ = _per_position(args.base_run)
         if deleted is None:
             raise UserError(f"{args.gated_run}: the model has no delete gate")
         if len(base_bits) != len(gated_bits) or not np.array_equal(classes, base_classes):
@@ -104,10 +130,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = split_cost(gated_bits, base_bits, deleted, classes)
+    repeat_rows = split_cost(gated_bits, base_bits, deleted, repeated, REPEAT_CLASSES)
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"by_byte": rows, "by_repetition": repeat_rows}, f, indent=2)
     print(markdown(rows, gated_bits, base_bits))
+    print(markdown(repeat_rows, gated_bits, base_bits, f"predicted byte (repeated: with its {REPEAT_CONTEXT} "
+                                                        "bytes before, earlier in the window)"))
     return 0
 
 
