@@ -49,6 +49,11 @@ def capacity(length: int, cfg: GateConfig) -> int:
     return min(length, math.ceil(length * (1.0 - cfg.target) * cfg.capacity_slack))
 
 
+def gated_layers(cfg: GateConfig, depth: int) -> slice:
+    """The layers of a `depth`-layer stack that run on the kept positions only."""
+    return slice(cfg.layer, depth - cfg.full_layers)
+
+
 def _carry_last_kept(kept_BxN, update_BxNxD, initial_BxD=None):
     """Each position's update becomes a kept-weighted running mix: kept 1 takes its own, kept 0
     repeats the previous (a causal copy of the last kept position's update when kept is 0 or 1).
@@ -72,15 +77,15 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     cfg = gate.cfg
     if deletion not in DELETION_MODES:
         raise ValueError(f"deletion={deletion!r}: use soft or hard")
-    end = len(blocks) - cfg.full_layers
+    middle = gated_layers(cfg, len(blocks))
     h_BxNxD = run_blocks(blocks[:cfg.layer], x_BxNxD, positions_BxN, segments_BxN, window, remat=remat, scan=scan)
     valid_BxN = segments_BxN > 0
     starts_BxN = segments_BxN != jnp.pad(segments_BxN[:, :-1], ((0, 0), (1, 0)))
     gates_BxN = gate(h_BxNxD, tokens_BxN, starts_BxN & valid_BxN, valid_BxN)
     deleting = _soft_deletion if deletion == "soft" else _hard_deletion
-    update_BxNxD, stats = deleting(blocks[cfg.layer:end], cfg, h_BxNxD, gates_BxN, valid_BxN, positions_BxN,
+    update_BxNxD, stats = deleting(blocks[middle], cfg, h_BxNxD, gates_BxN, valid_BxN, positions_BxN,
                                    segments_BxN, window, remat, scan)
-    out_BxNxD = run_blocks(blocks[end:], h_BxNxD + update_BxNxD, positions_BxN, segments_BxN, window,
+    out_BxNxD = run_blocks(blocks[middle.stop:], h_BxNxD + update_BxNxD, positions_BxN, segments_BxN, window,
                            remat=remat, scan=scan)
     return out_BxNxD, stats
 
@@ -133,7 +138,7 @@ def empty_gated_caches(caches: list[dict], cfg: GateConfig, dim: int) -> list[di
     gate values, and the first of them each position's carried update."""
     caches = [dict(c) for c in caches]
     b, length = caches[0]["k"].shape[:2]
-    for cache in caches[cfg.layer:len(caches) - cfg.full_layers]:
+    for cache in caches[gated_layers(cfg, len(caches))]:
         cache["gate"] = jnp.zeros((b, length), jnp.float32)
     caches[cfg.layer]["update"] = jnp.zeros((b, length, dim), caches[0]["k"].dtype)
     return caches
@@ -151,9 +156,9 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     gates_BxS = gate(x_BxSxD, tokens_BxS, positions_BxS == 0, jnp.ones_like(positions_BxS, bool))
     kept_BxS = gates_BxS > cfg.k / 2
     key_gates = KeyGates(jnp.where(kept_BxS, gates_BxS, -jnp.inf), cfg.logit_cap)
-    end = len(blocks) - cfg.full_layers
+    middle = gated_layers(cfg, len(blocks))
     deep_BxSxD = x_BxSxD
-    for i in range(cfg.layer, end):
+    for i in range(middle.start, middle.stop):
         deep_BxSxD, caches[i] = blocks[i].extend(deep_BxSxD, positions_BxS, caches[i], window, key_gates)
     store = caches[cfg.layer]
     start_B = positions_BxS[:, 0]
@@ -162,7 +167,7 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     update_BxSxD = _carry_last_kept(kept_BxS, deep_BxSxD - x_BxSxD, initial_BxD)
     caches[cfg.layer] = {**store, "update": write_at(store["update"], update_BxSxD, positions_BxS)}
     out_BxSxD = x_BxSxD + update_BxSxD
-    for i in range(end, len(blocks)):
+    for i in range(middle.stop, len(blocks)):
         out_BxSxD, caches[i] = blocks[i].extend(out_BxSxD, positions_BxS, caches[i], window)
     return out_BxSxD, caches
 
