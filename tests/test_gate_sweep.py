@@ -62,6 +62,11 @@ def test_variants_add_runs_with_their_overrides():
         gate_sweep._variants([], [], ["later="])
 
 
+def test_overrides_name_each_runs_corpus_and_seed():
+    placed = gate_sweep._placed(["init_from=runs/b/{corpus}/seed{seed}/no_gate", "data.train=[{a: 1}]"], "fi", 2)
+    assert placed == ["init_from=runs/b/fi/seed2/no_gate", "data.train=[{a: 1}]"]
+
+
 def test_a_corpus_needs_a_name_and_patterns():
     assert gate_sweep._corpus("en=a/*.txt,b/*.txt")[1] == ["data.train=[a/*.txt,b/*.txt]", "data.eval=[a/*.txt,b/*.txt]"]
     with pytest.raises(gate_sweep.UserError, match="NAME=PATTERN"):

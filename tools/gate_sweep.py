@@ -10,8 +10,10 @@ result.json exists is not repeated, so an interrupted sweep continues where it s
 
 Each --corpus sets data.train and data.eval to its patterns (the config's holdout then picks the
 held-out documents); without one, the config's data is the only corpus. Each --variant adds a
-run with its overrides; a variant named "learned T..." is compared with "random T" like the
-targets are.
+run with its overrides; a learned variant is compared with the random one that deletes at its
+target from the same layers. In any override, {corpus} and {seed} become the run's corpus name
+and seed: `init_from=runs/base/{corpus}/seed{seed}/no_gate` gates each corpus' and seed's own
+trained model (MrT5's setting).
 """
 
 import argparse
@@ -46,6 +48,11 @@ def _corpus(spec: str) -> tuple[str, list[str]]:
     if not sep or not name or not patterns:
         raise UserError(f"--corpus {spec!r}: expected NAME=PATTERN[,PATTERN...]")
     return name, [f"data.train=[{patterns}]", f"data.eval=[{patterns}]"]
+
+
+def _placed(overrides: list[str], corpus: str, seed: int) -> list[str]:
+    """The overrides with {corpus} and {seed} filled in (other braces, as in YAML, are left)."""
+    return [o.replace("{corpus}", corpus).replace("{seed}", str(seed)) for o in overrides]
 
 
 def _score(config, deletion: str) -> dict:
@@ -213,7 +220,8 @@ def main(argv=None) -> int:
                 for name, extra in _variants(targets, random, args.variant):
                     run_dir = output / (corpus if len(corpora) > 1 else "") / (f"seed{seed}" if len(seeds) > 1 else "") \
                         / "".join(c if c.isalnum() or c == "." else "_" for c in name)
-                    overrides = [*args.overrides, *data, *extra, f"seed={seed}", f"run_dir={run_dir}"]
+                    overrides = [*_placed([*args.overrides, *data, *extra], corpus, seed), f"seed={seed}",
+                                 f"run_dir={run_dir}"]
                     planned.append((corpus, seed, name, config_lib.load(args.config, overrides)))
         results = []
         for corpus, seed, name, config in planned:  # every config loads (and fails) before any training
