@@ -59,6 +59,28 @@ def jit_apply(fn, model, *args):
     return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
 
 
+def packed_attention_inputs(dtype, heads: int, kv_heads: int, head_dim: int, rows: int = 2, length: int = 256,
+                            seed: int = 0):
+    """Queries, keys, values and segments of rows packed with documents and trailing padding
+    (segment 0) for the attention kernels: the first row many short ones (1 to 40 positions), the
+    others one long one (210 to 250), which every window below 210 cuts."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    segments = np.zeros((rows, length), np.int32)
+    for row in range(rows):
+        at, segment = 0, 1
+        shortest, longest = (1, 40) if row == 0 else (210, 250)
+        while at < length - 30:
+            size = int(rng.integers(shortest, longest + 1))
+            segments[row, at:at + size] = segment
+            at, segment = at + size, segment + 1
+    shape = lambda h: (rows, length, h, head_dim)
+    q, k, v = (jnp.asarray(rng.normal(size=shape(h)), dtype) for h in (heads, kv_heads, kv_heads))
+    return q, k, v, jnp.asarray(segments)
+
+
 def run_cli(*args, env=None, timeout=600):
     """Run `python -m hiermodel.cli ARGS` in a fresh process; returns CompletedProcess."""
     import subprocess

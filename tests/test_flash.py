@@ -18,27 +18,9 @@ from hiermodel.models.layers import attention, attention_score_pairs, xla_attent
 from hiermodel.models.registry import build, model_flops, train_flops
 from hiermodel.sharding import make_mesh
 from hiermodel.train.aot import lower_train_step
-from tests.conftest import micro_config
+from tests.conftest import micro_config, packed_attention_inputs
 
-LENGTH = 256  # four 64-position blocks
-HEAD_DIM = 16
-
-
-def packed_inputs(dtype, heads: int, kv_heads: int, rows: int = 2, seed: int = 0, head_dim: int = HEAD_DIM):
-    """Rows packed with documents and trailing padding (segment 0): the first row many short ones
-    (1 to 40 positions), the others one long one (210 to 250), which every window below 210 cuts."""
-    rng = np.random.default_rng(seed)
-    segments = np.zeros((rows, LENGTH), np.int32)
-    for row in range(rows):
-        at, segment = 0, 1
-        shortest, longest = (1, 40) if row == 0 else (210, 250)
-        while at < LENGTH - 30:
-            length = int(rng.integers(shortest, longest + 1))
-            segments[row, at:at + length] = segment
-            at, segment = at + length, segment + 1
-    shape = lambda h: (rows, LENGTH, h, head_dim)
-    q, k, v = (jnp.asarray(rng.normal(size=shape(h)), dtype) for h in (heads, kv_heads, kv_heads))
-    return q, k, v, jnp.asarray(segments)
+HEAD_DIM = 16  # LENGTH (256): four 64-position blocks
 
 
 def interpreted(q, k, v, segments, window):
@@ -49,7 +31,7 @@ def interpreted(q, k, v, segments, window):
 # (two and four query heads per key/value head) and multi-head attention.
 @pytest.mark.parametrize("window, heads, kv_heads", [(0, 4, 2), (48, 2, 2), (200, 4, 1), (300, 2, 2)])
 def test_the_kernel_equals_xla_attention_forward_and_backward(window, heads, kv_heads):
-    q, k, v, segments = packed_inputs(jnp.float32, heads, kv_heads)
+    q, k, v, segments = packed_attention_inputs(jnp.float32, heads, kv_heads, head_dim=HEAD_DIM)
     weights = jnp.cos(jnp.arange(HEAD_DIM, dtype=jnp.float32))
     loss = lambda f: (lambda q, k, v: (f(q, k, v, segments, window) * weights).sum())
     got = jax.jit(interpreted, static_argnums=4)(q, k, v, segments, window)
@@ -61,7 +43,7 @@ def test_the_kernel_equals_xla_attention_forward_and_backward(window, heads, kv_
 
 
 def test_the_kernel_in_bfloat16_stays_within_its_rounding():
-    q, k, v, segments = packed_inputs(jnp.bfloat16, 4, 2)
+    q, k, v, segments = packed_attention_inputs(jnp.bfloat16, 4, 2, head_dim=HEAD_DIM)
     loss = lambda f: (lambda q, k, v: f(q, k, v, segments, 48).astype(jnp.float32).sum())
     got = jax.jit(interpreted, static_argnums=4)(q, k, v, segments, 48)
     want = xla_attention(*(x.astype(jnp.float32) for x in (q, k, v)), segments, 48)
@@ -77,7 +59,7 @@ def test_the_kernel_in_bfloat16_stays_within_its_rounding():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs a GPU (Triton)")
 @pytest.mark.parametrize("window, heads, kv_heads, head_dim", [(0, 4, 2, 64), (48, 2, 2, 128), (200, 4, 1, 64)])
 def test_the_compiled_kernel_on_a_gpu_equals_xla_attention(window, heads, kv_heads, head_dim):
-    q, k, v, segments = packed_inputs(jnp.bfloat16, heads, kv_heads, head_dim=head_dim)
+    q, k, v, segments = packed_attention_inputs(jnp.bfloat16, heads, kv_heads, head_dim=head_dim)
     loss = lambda f: (lambda q, k, v: f(q, k, v, segments, window).astype(jnp.float32).sum())
     compiled = functools.partial(flash.flash_attention, interpret=False)
     exact = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -169,7 +151,7 @@ def test_the_hardware_count_skips_the_blocks_the_kernel_skips():
 
 
 def test_auto_keeps_the_xla_attention_off_gpu_and_for_unsupported_shapes():
-    q, k, v, segments = packed_inputs(jnp.bfloat16, 2, 2, rows=1)
+    q, k, v, segments = packed_attention_inputs(jnp.bfloat16, 2, 2, rows=1, head_dim=HEAD_DIM)
     text = jax.jit(lambda *a: attention(*a, 48, "auto")).lower(q, k, v, segments).as_text()
     assert "flash" not in text
     short = [x[:, :100] for x in (q, k, v, segments)]

@@ -12,29 +12,15 @@ from hiermodel.models import splash
 from hiermodel.models.layers import attention_score_pairs, xla_attention
 from hiermodel.models.registry import model_flops, train_flops
 from hiermodel.sharding import make_mesh
-from tests.conftest import micro_config
+from tests.conftest import micro_config, packed_attention_inputs
 
-LENGTH = 256  # two 128-position blocks
-
-
-def packed_inputs(dtype, heads: int, kv_heads: int, seed: int = 0):
-    """A row packed with many short documents (1 to 40 positions) and trailing padding."""
-    rng = np.random.default_rng(seed)
-    segments = np.zeros((1, LENGTH), np.int32)
-    at, segment = 0, 1
-    while at < LENGTH - 30:
-        length = int(rng.integers(1, 41))
-        segments[0, at:at + length] = segment
-        at, segment = at + length, segment + 1
-    shape = lambda h: (1, LENGTH, h, 8)
-    q, k, v = (jnp.asarray(rng.normal(size=shape(h)), dtype) for h in (heads, kv_heads, kv_heads))
-    return q, k, v, jnp.asarray(segments)
+# The inputs are 256 positions long: two 128-position blocks.
 
 
 # No window; one within a block; one across blocks. Grouped-query and multi-head attention.
 @pytest.mark.parametrize("window, heads, kv_heads", [(0, 4, 2), (48, 2, 2), (200, 4, 2)])
 def test_the_kernel_equals_xla_attention_forward_and_backward(window, heads, kv_heads):
-    q, k, v, segments = packed_inputs(jnp.float32, heads, kv_heads)
+    q, k, v, segments = packed_attention_inputs(jnp.float32, heads, kv_heads, head_dim=8, rows=1)
     weights = jnp.cos(jnp.arange(8.0))
     loss = lambda f: (lambda q, k, v: (f(q, k, v, segments, window) * weights).sum())
     kernel = jax.jit(lambda *a: splash.splash_attention(*a, interpret=True), static_argnums=4)
@@ -46,7 +32,7 @@ def test_the_kernel_equals_xla_attention_forward_and_backward(window, heads, kv_
 
 
 def test_the_kernel_in_bfloat16_stays_within_its_rounding():
-    q, k, v, segments = packed_inputs(jnp.bfloat16, 4, 2)
+    q, k, v, segments = packed_attention_inputs(jnp.bfloat16, 4, 2, head_dim=8, rows=1)
     got = jax.jit(lambda *a: splash.splash_attention(*a, 48, interpret=True))(q, k, v, segments)
     want = xla_attention(q, k, v, segments, 48)
     assert got.dtype == jnp.bfloat16
