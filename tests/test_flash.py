@@ -20,7 +20,7 @@ from hiermodel.sharding import make_mesh
 from hiermodel.train.aot import lower_train_step
 from tests.conftest import micro_config, packed_attention_inputs
 
-HEAD_DIM = 16  # LENGTH (256): four 64-position blocks
+HEAD_DIM = 16  # with packed_attention_inputs' 256 positions: four 64-position blocks
 
 
 def interpreted(q, k, v, segments, window):

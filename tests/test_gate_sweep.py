@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tests.conftest import REPO
 from tools import fetch_corpora, gate_sweep
 
 
@@ -62,9 +63,15 @@ def test_variants_add_runs_with_their_overrides():
         gate_sweep._variants([], [], ["later="])
 
 
-def test_overrides_name_each_runs_corpus_and_seed():
-    placed = gate_sweep._placed(["init_from=runs/b/{corpus}/seed{seed}/no_gate", "data.train=[{a: 1}]"], "fi", 2)
-    assert placed == ["init_from=runs/b/fi/seed2/no_gate", "data.train=[{a: 1}]"]
+def test_each_planned_run_continues_its_own_corpus_and_seed(tmp_path):
+    corpora = [gate_sweep._corpus("fi=c/fi_*"), gate_sweep._corpus("en=c/en_*")]
+    planned = gate_sweep.plan(str(REPO / "configs" / "gates_byte.yaml"), ["init_from=runs/b/{corpus}/seed{seed}/no_gate"],
+                              gate_sweep._variants([0.5], [], []), [0, 2], corpora, tmp_path)
+    assert [(c, s, n) for c, s, n, _ in planned][:3] == [("fi", 0, "no gate"), ("fi", 0, "learned 0.5"), ("en", 0, "no gate")]
+    for corpus, seed, name, config in planned:
+        assert config.init_from == f"runs/b/{corpus}/seed{seed}/no_gate" and config.seed == seed
+        assert config.data.train == [f"c/{corpus}_*"]
+        assert config.run_dir == str(tmp_path / corpus / f"seed{seed}" / name.replace(" ", "_"))
 
 
 def test_a_corpus_needs_a_name_and_patterns():

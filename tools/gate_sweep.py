@@ -50,9 +50,20 @@ def _corpus(spec: str) -> tuple[str, list[str]]:
     return name, [f"data.train=[{patterns}]", f"data.eval=[{patterns}]"]
 
 
-def _placed(overrides: list[str], corpus: str, seed: int) -> list[str]:
-    """The overrides with {corpus} and {seed} filled in (other braces, as in YAML, are left)."""
-    return [o.replace("{corpus}", corpus).replace("{seed}", str(seed)) for o in overrides]
+def plan(config_path: str, overrides: list[str], variants: list[tuple[str, list[str]]], seeds: list[int],
+         corpora: list[tuple[str, list[str]]], output: Path) -> list[tuple]:
+    """(corpus, seed, variant name, config) of every run, seed by seed, so that an interrupted
+    sweep has whole seeds over every corpus. {corpus} and {seed} are filled into the overrides."""
+    planned = []
+    for seed in seeds:
+        for corpus, data in corpora:
+            for name, extra in variants:
+                run_dir = output / (corpus if len(corpora) > 1 else "") / (f"seed{seed}" if len(seeds) > 1 else "") \
+                    / "".join(c if c.isalnum() or c == "." else "_" for c in name)
+                placed = [o.replace("{corpus}", corpus).replace("{seed}", str(seed)) for o in [*overrides, *data, *extra]]
+                planned.append((corpus, seed, name,
+                                config_lib.load(config_path, [*placed, f"seed={seed}", f"run_dir={run_dir}"])))
+    return planned
 
 
 def _score(config, deletion: str) -> dict:
@@ -213,16 +224,7 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
         corpora = [_corpus(spec) for spec in args.corpus] or [("config", [])]
         output = Path(args.output)
-        planned = []
-        # Seed by seed: an interrupted sweep has whole seeds over every corpus.
-        for seed in seeds:
-            for corpus, data in corpora:
-                for name, extra in _variants(targets, random, args.variant):
-                    run_dir = output / (corpus if len(corpora) > 1 else "") / (f"seed{seed}" if len(seeds) > 1 else "") \
-                        / "".join(c if c.isalnum() or c == "." else "_" for c in name)
-                    overrides = [*_placed([*args.overrides, *data, *extra], corpus, seed), f"seed={seed}",
-                                 f"run_dir={run_dir}"]
-                    planned.append((corpus, seed, name, config_lib.load(args.config, overrides)))
+        planned = plan(args.config, args.overrides, _variants(targets, random, args.variant), seeds, corpora, output)
         results = []
         for corpus, seed, name, config in planned:  # every config loads (and fails) before any training
             results.append(_run(config, corpus, seed, name, args.soft))
