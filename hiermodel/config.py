@@ -40,6 +40,11 @@ class GateConfig:
     # rate answers alpha's sign, not its size, and the controller overshoots; under SGD alpha's
     # push is proportional to alpha.
     sgd_lr: float = 0.0
+    # False: the gate learns only from the attention of the gated layers (deleted keys are what
+    # later positions lose), as MrT5's encoder gate does. The straight-through carry otherwise
+    # also rewards keeping a position whose own prediction gains from the deep layers: the hard
+    # to predict ones, which then pay most for the thinner context (BENCHMARKS.md).
+    carry_gradient: bool = True
 
 
 @dataclasses.dataclass

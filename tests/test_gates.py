@@ -15,6 +15,7 @@ from flax import nnx
 from hiermodel.errors import UserError
 from hiermodel.models import gates
 from hiermodel.models.registry import build, check_kind
+from hiermodel.train.step import token_nats
 from tests.conftest import english, jit_apply, micro_config
 from tests.test_model import row
 
@@ -125,6 +126,29 @@ def test_a_detached_gate_is_the_only_part_its_regulariser_trains(kind):
     assert norm(detached["gate"]) > 0 and norm(attached["gate"]) == pytest.approx(norm(detached["gate"]))
     assert norm({p: attached[p] for p in below_gate}) > 0
     assert norm({p: detached[p] for p in below_gate}) == 0.0
+
+
+def test_without_the_carry_gradient_the_gate_learns_only_through_attention():
+    # The gated layer's values zeroed: its attention reads nothing, so the gate values added to the
+    # keys' logits change no output, and only the carry of its MLP's update can pass a gradient.
+    def gate_grad_and_logits(carry_gradient: bool):
+        model, _ = gated_model("byte", **{"model.backbone_layers": 2, "model.gate.carry_gradient": carry_gradient})
+        model.blocks[1].attn.wv[...] = jnp.zeros_like(model.blocks[1].attn.wv[...])
+        graphdef, params = nnx.split(model, nnx.Param)
+        batch = batch_of(TEXT, SECOND)
+
+        def nats(params):
+            logits, _ = gates.forward(nnx.merge(graphdef, params), batch)
+            return token_nats(logits, batch).sum(), logits
+
+        grads, logits = jax.jit(jax.grad(nats, has_aux=True))(params)
+        return float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(nnx.to_pure_dict(grads)["gate"]))), logits
+
+    with_carry, logits = gate_grad_and_logits(True)
+    attention_only, same_logits = gate_grad_and_logits(False)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(same_logits))
+    assert with_carry > 1e-3
+    assert attention_only == 0.0
 
 
 def train_gated(run_dir, steps: int, corpus=None, **overrides):

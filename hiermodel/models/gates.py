@@ -5,8 +5,8 @@ Layers after it see G added to the logits of each key (soft deletion, training),
 on the positions with G > k / 2, compacted to a static capacity (hard deletion, inference).
 Either way every position still gets an output for the loss: its own layer-l state plus the
 deep update (final - layer-l state) of the last kept position (the soft mode's carry is hard
-in the forward pass, soft in the backward), so the two modes agree when gates saturate. The
-stack's last `full_layers` layers then run on every position again.
+in the forward pass, soft in the backward unless `carry_gradient` is off), so the two modes
+agree when gates saturate. The stack's last `full_layers` layers then run on every position again.
 """
 
 import math
@@ -101,7 +101,7 @@ def _soft_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, posit
     # (straight through): a half-open gate must not pass half a deep update that hard
     # deletion would then take away.
     hard_BxN = (gates_BxN > cfg.k / 2).astype(kept_BxN.dtype)
-    carried_BxN = kept_BxN + jax.lax.stop_gradient(hard_BxN - kept_BxN)
+    carried_BxN = kept_BxN + jax.lax.stop_gradient(hard_BxN - kept_BxN) if cfg.carry_gradient else hard_BxN
     update_BxNxD = _carry_last_kept(carried_BxN, deep_BxNxD - h_BxNxD)
     return update_BxNxD, {"kept": kept_BxN, "gates": gates_BxN, "valid": valid_BxN}
 
