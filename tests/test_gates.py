@@ -103,7 +103,8 @@ def test_bad_gate_settings_are_rejected():
                                ({"model.gate.logit_cap": 20.0}, "logit_cap"),
                                ({"model.gate.mode": "fixed"}, "learned or random"),
                                ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001"),
-                               ({"model.gate.target_warmup": -5}, "target_warmup=-5")]:
+                               ({"model.gate.target_warmup": -5}, "target_warmup=-5"),
+                               ({"model.gate.noise": -1.0}, "noise=-1.0")]:
         with pytest.raises(UserError, match=message):
             check_kind(micro_config(**{"model.kind": "byte", "model.gate.layer": 1, **overrides}).model)
 
@@ -149,6 +150,22 @@ def test_without_the_carry_gradient_the_gate_learns_only_through_attention():
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(same_logits))
     assert with_carry > 1e-3
     assert attention_only == 0.0
+
+
+def test_gate_noise_varies_soft_deletion_only():
+    def gate_values(noise: float, deletion: str, *documents):
+        model, _ = gated_model("byte", **{"model.gate.noise": noise})
+        model.gate.b[...] = jnp.zeros_like(model.gate.b[...])  # scores near the threshold
+        _, stats = forward(model, batch_of(*documents), deletion)
+        return np.asarray(stats["gates"])[np.asarray(stats["valid"])]
+
+    plain = gate_values(0.0, "soft", TEXT, SECOND)
+    noisy = gate_values(1.0, "soft", TEXT, SECOND)
+    k = micro_config().model.gate.k
+    flipped = (plain <= k / 2) != (noisy <= k / 2)
+    assert 0.05 < flipped.mean() < 0.5, "logistic noise of scale 1 flips some decisions near the threshold"
+    np.testing.assert_array_equal(noisy, gate_values(1.0, "soft", TEXT, SECOND))  # reproducible
+    np.testing.assert_array_equal(gate_values(1.0, "hard", TEXT, SECOND), gate_values(0.0, "hard", TEXT, SECOND))
 
 
 def train_gated(run_dir, steps: int, corpus=None, **overrides):

@@ -28,20 +28,26 @@ class DeleteGate(nnx.Module):
         self.b = nnx.Param(jnp.full((1,), cfg.bias, jnp.float32), axes=(None,))
         self.cfg = cfg
 
-    def __call__(self, h_BxNxD, tokens_BxN, keep_BxN, valid_BxN):
-        """Gate values [B, N] in float32: 0 where a position must stay (keep), k on padding."""
+    def __call__(self, h_BxNxD, tokens_BxN, keep_BxN, valid_BxN, noisy: bool = False):
+        """Gate values [B, N] in float32: 0 where a position must stay (keep), k on padding.
+        noisy: with cfg.noise, the learned score gets logistic noise (soft deletion's training)."""
         k = self.cfg.k
         if self.cfg.mode == "random":
-            # Seeded by the content, so every batch deletes different positions at the same rate.
-            key = jax.random.fold_in(jax.random.key(0), jnp.sum(tokens_BxN * (jnp.arange(tokens_BxN.shape[1]) + 1)))
-            deleted_BxN = jax.random.uniform(key, tokens_BxN.shape) < self.cfg.target
+            deleted_BxN = jax.random.uniform(_content_key(tokens_BxN), tokens_BxN.shape) < self.cfg.target
             gates_BxN = jnp.where(deleted_BxN, k, 0.0)
         else:
             if self.cfg.detach:
                 h_BxNxD = jax.lax.stop_gradient(h_BxNxD)
             score_BxN = (self.norm(h_BxNxD) @ self.w[...].astype(h_BxNxD.dtype))[..., 0].astype(jnp.float32)
+            if noisy and self.cfg.noise:
+                score_BxN += self.cfg.noise * jax.random.logistic(_content_key(tokens_BxN), score_BxN.shape)
             gates_BxN = k * jax.nn.sigmoid(-(score_BxN + self.b[...][0]))
         return jnp.where(valid_BxN, jnp.where(keep_BxN, 0.0, gates_BxN), k)
+
+
+def _content_key(tokens_BxN):
+    """A key seeded by the batch's content, so every batch draws differently, reproducibly."""
+    return jax.random.fold_in(jax.random.key(0), jnp.sum(tokens_BxN * (jnp.arange(tokens_BxN.shape[1]) + 1)))
 
 
 def capacity(length: int, cfg: GateConfig) -> int:
@@ -81,7 +87,7 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     h_BxNxD = run_blocks(blocks[:cfg.layer], x_BxNxD, positions_BxN, segments_BxN, window, remat=remat, scan=scan)
     valid_BxN = segments_BxN > 0
     starts_BxN = segments_BxN != jnp.pad(segments_BxN[:, :-1], ((0, 0), (1, 0)))
-    gates_BxN = gate(h_BxNxD, tokens_BxN, starts_BxN & valid_BxN, valid_BxN)
+    gates_BxN = gate(h_BxNxD, tokens_BxN, starts_BxN & valid_BxN, valid_BxN, noisy=deletion == "soft")
     deleting = _soft_deletion if deletion == "soft" else _hard_deletion
     update_BxNxD, stats = deleting(blocks[middle], cfg, h_BxNxD, gates_BxN, valid_BxN, positions_BxN,
                                    segments_BxN, window, remat, scan)

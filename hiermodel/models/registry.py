@@ -45,11 +45,11 @@ def check_kind(config: ModelConfig) -> None:
     if gate.mode not in ("learned", "random"):
         raise UserError(f"model.gate.mode={gate.mode!r}: use learned or random")
     if not (gate.k < 0 and 0 <= gate.target < 1 and 0 < gate.logit_cap < -gate.k / 2 and gate.capacity_slack >= 1
-            and gate.sgd_lr >= 0 and gate.target_warmup >= 0):
+            and gate.sgd_lr >= 0 and gate.target_warmup >= 0 and gate.noise >= 0):
         raise UserError(f"model.gate: need k < 0, 0 <= target < 1, 0 < logit_cap < -k/2, capacity_slack >= 1, "
-                        f"sgd_lr >= 0 and target_warmup >= 0 (got k={gate.k}, target={gate.target}, "
+                        f"sgd_lr >= 0, target_warmup >= 0 and noise >= 0 (got k={gate.k}, target={gate.target}, "
                         f"logit_cap={gate.logit_cap}, capacity_slack={gate.capacity_slack}, sgd_lr={gate.sgd_lr}, "
-                        f"target_warmup={gate.target_warmup})")
+                        f"target_warmup={gate.target_warmup}, noise={gate.noise})")
     if config.attention not in ATTENTION_IMPLEMENTATIONS:
         raise UserError(f"model.attention={config.attention!r}: use {', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
