@@ -1,7 +1,14 @@
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from hiermodel.train.checkpoint import checkpoint_dir
+from tests.conftest import MICRO, REPO, xla_flags
+from tests.test_cli import wait_for
 from tools import fetch_corpora, gate_sweep
 
 
@@ -127,3 +134,18 @@ def test_a_byte_is_repeated_when_it_and_its_context_occurred_earlier_in_the_wind
     # Outside the window an earlier occurrence does not count: "the cat" recurs 13 bytes later.
     near = gate_cost.repeated_in_window(tokens, 13, context=3)
     assert np.nonzero(near[0])[0].tolist() == brute_force(13) and near.sum() < repeated.sum()
+
+
+def test_a_signal_stops_the_sweep_without_recording_the_unfinished_run(tmp_path):
+    args = [sys.executable, "tools/gate_sweep.py", str(MICRO), "--output", str(tmp_path), "--targets", "",
+            "--seeds", "0,1", "--no-soft", "train.steps=100000", "train.checkpoint_every=2", "train.log_every=1"]
+    process = subprocess.Popen(args, cwd=REPO, env={**os.environ, "XLA_FLAGS": xla_flags(1)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "seed0" / "no_gate"
+    wait_for(lambda: (checkpoint_dir(first) / "2").is_dir(), process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err
+    assert f"SIGTERM stopped {first} before train.steps" in err and "rerun the same command to resume" in err
+    assert not (first / "result.json").exists()
+    assert not (tmp_path / "seed1").exists(), "the sweep went on to the next run"

@@ -186,6 +186,10 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class SweepStopped(Exception):
+    """A signal stopped a run: its result would be an unfinished model's, so the sweep stops too."""
+
+
 def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
     from hiermodel.train.loop import train
 
@@ -194,6 +198,9 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
         return json.loads(done.read_text())
     print(f"== {corpus}, seed {seed}, {name}: training {config.run_dir}", file=sys.stderr, flush=True)
     logged = train(config)
+    if "stopped_by" in logged:
+        raise SweepStopped(f"{logged['stopped_by']} stopped {config.run_dir} before train.steps (checkpointed); "
+                           "rerun the same command to resume")
     gate = config.model.gate
     result = {"corpus": corpus, "seed": seed, "name": name, "target": gate.target if gate.layer else 0.0,
               "layer": gate.layer, "full_layers": gate.full_layers, "mode": gate.mode if gate.layer else "none",
@@ -235,6 +242,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SweepStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
     print(summary_markdown(summarize(results)))
     return 0
 

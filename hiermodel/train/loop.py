@@ -137,7 +137,7 @@ def _check_init_from(config: Config) -> tuple[int, bool]:
 
 def train(config: Config, devices=None) -> dict:
     """Train (or resume) the run in config.run_dir on `devices` (default: all); returns the last
-    logged metrics. Everything that can be wrong with the config, the data or the run directory
+    logged metrics, with "stopped_by" (the signal) when a signal stopped it early. Everything that can be wrong with the config, the data or the run directory
     is found before anything is compiled or written."""
     started = time.monotonic()
     # data.shards=0 means one per process: saved as the number, so that a resume on another
@@ -392,6 +392,7 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                 writer.info(f"{stop.signal}: saved checkpoint at step {done}"
                             + (" on every process" if stop.shared else "") + "; rerun the same command to resume",
                             every_process=True)
+                last_logged = {**last_logged, "stopped_by": stop.signal}
                 break
     finally:
         profile.stop()
