@@ -49,6 +49,11 @@ class GateConfig:
     # learned gate's choices vary near its threshold and the layers after it see every kind of
     # position kept now and then, as random deletion's do; hard deletion (inference) is unchanged.
     noise: float = 0.0
+    # The layers after the gate add each key's hard decision (0 kept, k deleted) to its logits in
+    # the forward pass, with the gate value's gradient (straight through), as the carry does. A
+    # learned gate otherwise settles its kept positions just above k / 2 (measured): kept, yet
+    # offset by about k / 2, nearly hidden from every query.
+    straight_through: bool = False
 
 
 @dataclasses.dataclass

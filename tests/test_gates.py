@@ -63,6 +63,30 @@ def test_hard_deletion_equals_soft_when_gates_saturate(kind, extra):
     np.testing.assert_allclose(np.asarray(hard)[valid], np.asarray(soft)[valid], atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["byte", "hat"])
+def test_with_straight_through_keys_the_forward_depends_only_on_the_decisions(kind):
+    """Untrained gates spread around k / 2 give the same outputs, soft or hard, as saturated
+    gates making the same decisions (saturate keeps the score's sign)."""
+    def outputs(straight_through: bool, saturated: bool):
+        model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5, "model.gate.straight_through": straight_through,
+                                        **LAST_LAYER_FULL})
+        if saturated:
+            saturate(model)
+        model.gate.b[...] = jnp.zeros_like(model.gate.b[...])
+        batch = batch_of(TEXT, SECOND)
+        (soft, _), (hard, stats) = forward(model, batch, "soft"), forward(model, batch, "hard")
+        kept = np.asarray(stats["kept"])[np.asarray(stats["valid"])]
+        assert 0.2 < kept.mean() < 0.8 and int(stats["overflow"]) == 0
+        valid = np.asarray(batch["segments"] > 0)
+        return np.asarray(soft)[valid], np.asarray(hard)[valid]
+
+    decided = outputs(False, saturated=True)[1]
+    for out in outputs(True, saturated=False):
+        np.testing.assert_allclose(out, decided, atol=2e-4, rtol=1e-4)
+    assert not np.allclose(outputs(False, saturated=False)[1], decided, atol=2e-4, rtol=1e-4), \
+        "without straight-through keys, kept keys are offset by their gate values"
+
+
 @pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL)],
                          ids=["byte", "hat", "byte, last layer full"])
 def test_hard_deletion_is_causal_without_overflow(kind, extra):

@@ -50,6 +50,15 @@ def _content_key(tokens_BxN):
     return jax.random.fold_in(jax.random.key(0), jnp.sum(tokens_BxN * (jnp.arange(tokens_BxN.shape[1]) + 1)))
 
 
+def key_offsets(gates_BxN, cfg: GateConfig):
+    """What the gated layers add to each key's attention logits: its gate value, or with
+    cfg.straight_through its hard decision (0 or k) carrying the gate value's gradient."""
+    if not cfg.straight_through:
+        return gates_BxN
+    hard_BxN = jnp.where(gates_BxN > cfg.k / 2, 0.0, cfg.k)
+    return gates_BxN + jax.lax.stop_gradient(hard_BxN - gates_BxN)
+
+
 def capacity(length: int, cfg: GateConfig) -> int:
     """Positions hard deletion keeps per row: the target's share with some slack."""
     return min(length, math.ceil(length * (1.0 - cfg.target) * cfg.capacity_slack))
@@ -101,7 +110,8 @@ def _soft_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, posit
     """Every position through the gated layers, deleted keys masked by their gate values; returns
     each position's carried deep update and the statistics."""
     deep_BxNxD = run_blocks(middle, h_BxNxD, positions_BxN, segments_BxN, window,
-                            KeyGates(gates_BxN.astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
+                            KeyGates(key_offsets(gates_BxN, cfg).astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat,
+                            scan=scan)
     kept_BxN = 1.0 - gates_BxN / cfg.k
     # The carry is hard in the forward pass, as at inference, with the soft weight's gradient
     # (straight through): a half-open gate must not pass half a deep update that hard
@@ -127,7 +137,8 @@ def _hard_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, posit
     compact_BxCxD = take(h_BxNxD)
     segments_BxC = jnp.where(chosen_BxC, take(segments_BxN), -1)  # unused slots see only each other
     deep_BxCxD = run_blocks(middle, compact_BxCxD, take(positions_BxN), segments_BxC, window,
-                            KeyGates(take(gates_BxN).astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat, scan=scan)
+                            KeyGates(take(key_offsets(gates_BxN, cfg)).astype(h_BxNxD.dtype), cfg.logit_cap),
+                            remat=remat, scan=scan)
     update_BxCxD = jnp.where(chosen_BxC[..., None], deep_BxCxD - compact_BxCxD, 0)
     kept_BxN = jax.vmap(lambda k, i, c: k.at[i].max(c))(jnp.zeros_like(valid_BxN), top_BxC, chosen_BxC)
     # Position t reads slot (number of kept positions up to t) - 1; before any, no update.
@@ -161,7 +172,7 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
         x_BxSxD, caches[i] = blocks[i].extend(x_BxSxD, positions_BxS, caches[i], window)
     gates_BxS = gate(x_BxSxD, tokens_BxS, positions_BxS == 0, jnp.ones_like(positions_BxS, bool))
     kept_BxS = gates_BxS > cfg.k / 2
-    key_gates = KeyGates(jnp.where(kept_BxS, gates_BxS, -jnp.inf), cfg.logit_cap)
+    key_gates = KeyGates(jnp.where(kept_BxS, key_offsets(gates_BxS, cfg), -jnp.inf), cfg.logit_cap)
     middle = gated_layers(cfg, len(blocks))
     deep_BxSxD = x_BxSxD
     for i in range(middle.start, middle.stop):
