@@ -149,3 +149,13 @@ def test_a_signal_stops_the_sweep_without_recording_the_unfinished_run(tmp_path)
     assert f"SIGTERM stopped {first} before train.steps" in err and "rerun the same command to resume" in err
     assert not (first / "result.json").exists()
     assert not (tmp_path / "seed1").exists(), "the sweep went on to the next run"
+
+
+def test_kept_gate_values_count_the_kept_positions_the_gated_layers_hardly_see():
+    from tools import gate_cost
+
+    gate_values = np.array([-0.5, -14.0, -14.9, -9.0, -29.0, -16.0])
+    deleted = np.array([False, False, False, False, True, True])
+    kept = gate_cost.kept_gate_values(gate_values, deleted, -30.0)
+    assert kept["hidden"] == pytest.approx(0.75)  # three of four kept below k/4 = -7.5
+    assert kept["quantiles"][2] == pytest.approx(-11.5)  # the median of -0.5, -9, -14, -14.9

@@ -3,7 +3,9 @@ scored on the same held-out bytes, and the difference in bits is split by whethe
 deleted the predicting position (its prediction then lacks the layers after the gate) and by
 what the predicted byte is (whitespace, a word's first byte, a later byte of a word), and again
 by whether copying could predict it (the byte and the bytes before it occurred earlier in the
-attention window: what an induction head finds).
+attention window: what an induction head finds). It also gives the gate values G of the kept
+positions: the gated layers add G to those keys' logits (unless model.gate.straight_through), so a
+kept position near k / 2 is computed but hardly seen.
 
     python tools/gate_cost.py GATED_RUN BASE_RUN [--output FILE.json]
 """
@@ -53,7 +55,8 @@ def repeated_in_window(tokens_BxT, window: int, context: int = REPEAT_CONTEXT) -
 
 
 def _per_position(run_dir: str):
-    """Per scored position of the held-out split: bits, deleted (or None), target class."""
+    """Per scored position of the held-out split: bits, (deleted, gate values, k) or None without a
+    gate, target class, repeated."""
     import jax
 
     from hiermodel.data.pipeline import scoring_batches
@@ -65,7 +68,7 @@ def _per_position(run_dir: str):
     config, mesh, graphdef, params = load_params(run_dir)
     if config.model.kind != "byte":
         raise UserError(f"{run_dir}: model.kind={config.model.kind}; this split is for the byte model's gate")
-    bits, deleted, classes, repeated = [], [], [], []
+    bits, deleted, gate_values, classes, repeated = [], [], [], [], []
     with jax.set_mesh(mesh):
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh,
                                  jax.tree.map(lambda p: p.sharding, params), "hard")
@@ -79,8 +82,16 @@ def _per_position(run_dir: str):
             repeated.append(repeated_in_window(batch["tokens"], config.model.byte_window)[scored])
             if "deleted" in scores:
                 deleted.append(to_host(scores["deleted"])[scored])
-    return (np.concatenate(bits), np.concatenate(deleted) if deleted else None, np.concatenate(classes),
-            np.concatenate(repeated))
+                gate_values.append(to_host(scores["gates"])[scored])
+    gated = (np.concatenate(deleted), np.concatenate(gate_values), config.model.gate.k) if deleted else None
+    return np.concatenate(bits), gated, np.concatenate(classes), np.concatenate(repeated)
+
+
+def kept_gate_values(gate_values, deleted, k: float) -> dict:
+    """Quantiles (5, 25, 50, 75, 95%) of the kept positions' gate values, and the share of kept
+    positions below k / 4, whose keys the gated layers see at under e^(k/4) of their weight."""
+    kept = gate_values[~deleted]
+    return {"quantiles": np.percentile(kept, [5, 25, 50, 75, 95]).tolist(), "hidden": float((kept < k / 4).mean())}
 
 
 def split_cost(gated_bits, base_bits, deleted, classes, names=CLASSES) -> list[dict]:
@@ -120,10 +131,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", help="also write the rows as JSON here")
     args = p.parse_args(argv)
     try:
-        gated_bits, deleted, classes, repeated = _per_position(args.gated_run)
+        gated_bits, gated, classes, repeated = _per_position(args.gated_run)
         base_bits, _, base_classes, _ = _per_position(args.base_run)
-        if deleted is None:
+        if gated is None:
             raise UserError(f"{args.gated_run}: the model has no delete gate")
+        deleted, gate_values, k = gated
         if len(base_bits) != len(gated_bits) or not np.array_equal(classes, base_classes):
             raise UserError(f"{args.gated_run} and {args.base_run} do not score the same held-out bytes")
     except UserError as e:
@@ -131,12 +143,16 @@ def main(argv=None) -> int:
         return 2
     rows = split_cost(gated_bits, base_bits, deleted, classes)
     repeat_rows = split_cost(gated_bits, base_bits, deleted, repeated, REPEAT_CLASSES)
+    kept = kept_gate_values(gate_values, deleted, k)
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"by_byte": rows, "by_repetition": repeat_rows}, f, indent=2)
+            json.dump({"by_byte": rows, "by_repetition": repeat_rows, "kept_gate_values": kept}, f, indent=2)
     print(markdown(rows, gated_bits, base_bits))
     print(markdown(repeat_rows, gated_bits, base_bits, f"predicted byte (repeated: with its {REPEAT_CONTEXT} "
                                                         "bytes before, earlier in the window)"))
+    print("kept positions' gate values G, 5/25/50/75/95% quantiles: "
+          + " / ".join(f"{q:.1f}" for q in kept["quantiles"])
+          + f"; {kept['hidden']:.0%} below k/4 = {k / 4:.1f}")
     return 0
 
 

@@ -22,15 +22,15 @@ from hiermodel.train.step import cast, target_bytes, token_nats
 
 def make_score_fn(graphdef, compute_dtype: str, mesh, param_shardings, deletion: str = "soft"):
     """jit: (params, batch) -> {"bits": -log2 p of each scored target [B, T]}; a gated model
-    (deletion soft or hard) adds "deleted" and "gated" [B, N] over its gated positions (bytes or
-    words), "overflow", the positions hard deletion meant to keep but had no room for, and
+    (deletion soft or hard) adds "deleted", "gated" and the gate values "gates" [B, N] over its gated
+    positions (bytes or words), "overflow", the positions hard deletion meant to keep but had no room for, and
     "computed", the share of positions the layers after the gate run on."""
 
     def score(params, batch):
         logits, stats = gates.forward(nnx.merge(graphdef, cast(params, compute_dtype)), batch, deletion)
         scores = {"bits": token_nats(logits, batch) / math.log(2.0)}
         if stats is not None:
-            scores.update(deleted=stats["valid"] & (stats["kept"] < 0.5), gated=stats["valid"],
+            scores.update(deleted=stats["valid"] & (stats["kept"] < 0.5), gated=stats["valid"], gates=stats["gates"],
                           overflow=stats.get("overflow", jnp.zeros((), jnp.int32)),
                           computed=stats.get("capacity", jnp.ones((), jnp.float32)))
         return scores
