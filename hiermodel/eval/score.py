@@ -22,9 +22,9 @@ from hiermodel.train.step import cast, target_bytes, token_nats
 
 def make_score_fn(graphdef, compute_dtype: str, mesh, param_shardings, deletion: str = "soft"):
     """jit: (params, batch) -> {"bits": -log2 p of each scored target [B, T]}; a gated model
-    (deletion soft or hard) adds "deleted", "gated" and the gate values "gates" [B, N] over its gated
-    positions (bytes or words), "overflow", the positions hard deletion meant to keep but had no room for, and
-    "computed", the share of positions the layers after the gate run on."""
+    (deletion soft or hard) adds "deleted", "gated" and the gate values "gates" [B, N] over its
+    gated positions (bytes or words), "overflow", the positions hard deletion meant to keep but
+    had no room for, and "computed", the share of positions the layers after the gate run on."""
 
     def score(params, batch):
         logits, stats = gates.forward(nnx.merge(graphdef, cast(params, compute_dtype)), batch, deletion)

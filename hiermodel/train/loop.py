@@ -137,8 +137,9 @@ def _check_init_from(config: Config) -> tuple[int, bool]:
 
 def train(config: Config, devices=None) -> dict:
     """Train (or resume) the run in config.run_dir on `devices` (default: all); returns the last
-    logged metrics, with "stopped_by" (the signal) when a signal stopped it early. Everything that can be wrong with the config, the data or the run directory
-    is found before anything is compiled or written."""
+    logged metrics, with "stopped_by" (the signal) when a signal stopped it early. Everything
+    that can be wrong with the config, the data or the run directory is found before anything
+    is compiled or written."""
     started = time.monotonic()
     # data.shards=0 means one per process: saved as the number, so that a resume on another
     # number of processes, which would read another stream, is caught.
