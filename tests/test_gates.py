@@ -36,6 +36,10 @@ def batch_of(*documents: bytes) -> dict:
     return {k: jnp.asarray(v) for k, v in row(*documents).items()}
 
 
+def l1(tree) -> float:
+    return float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(tree)))
+
+
 def saturate(model) -> None:
     """Gates pushed to (almost exactly) 0 or k, about half each, as after long training."""
     model.gate.w[...] = model.gate.w[...] * 1e4
@@ -145,12 +149,11 @@ def test_a_detached_gate_is_the_only_part_its_regulariser_trains(kind):
 
         return nnx.to_pure_dict(jax.jit(jax.grad(mean_gate))(params))
 
-    norm = lambda tree: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(tree)))
     attached, detached = regulariser_grads(False), regulariser_grads(True)
     below_gate = [part for part in attached if part not in ("gate", "head", "norm")]
-    assert norm(detached["gate"]) > 0 and norm(attached["gate"]) == pytest.approx(norm(detached["gate"]))
-    assert norm({p: attached[p] for p in below_gate}) > 0
-    assert norm({p: detached[p] for p in below_gate}) == 0.0
+    assert l1(detached["gate"]) > 0 and l1(attached["gate"]) == pytest.approx(l1(detached["gate"]))
+    assert l1({p: attached[p] for p in below_gate}) > 0
+    assert l1({p: detached[p] for p in below_gate}) == 0.0
 
 
 def test_without_the_carry_gradient_the_gate_learns_only_through_attention():
@@ -167,7 +170,7 @@ def test_without_the_carry_gradient_the_gate_learns_only_through_attention():
             return token_nats(logits, batch).sum(), logits
 
         grads, logits = jax.jit(jax.grad(nats, has_aux=True))(params)
-        return float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(nnx.to_pure_dict(grads)["gate"]))), logits
+        return l1(nnx.to_pure_dict(grads)["gate"]), logits
 
     with_carry, logits = gate_grad_and_logits(True)
     attention_only, same_logits = gate_grad_and_logits(False)

@@ -14,7 +14,8 @@ from hiermodel.models.registry import model_flops, train_flops
 from hiermodel.sharding import make_mesh
 from tests.conftest import micro_config, packed_attention_inputs
 
-# Rows of 256 positions (two 128-position blocks): no window; one within a block; one across blocks. Grouped-query and multi-head attention.
+# Rows of 256 positions (two 128-position blocks): no window; one within a block; one across
+# blocks. Grouped-query and multi-head attention.
 @pytest.mark.parametrize("window, heads, kv_heads", [(0, 4, 2), (48, 2, 2), (200, 4, 2)])
 def test_the_kernel_equals_xla_attention_forward_and_backward(window, heads, kv_heads):
     q, k, v, segments = packed_attention_inputs(jnp.float32, heads, kv_heads, head_dim=8, rows=1)
