@@ -45,9 +45,9 @@ class GateConfig:
     # also rewards keeping a position whose own prediction gains from the deep layers: the hard
     # to predict ones, which then pay most for the thinner context (BENCHMARKS.md).
     carry_gradient: bool = True
-    # > 0: in soft deletion (training) the gate's score gets logistic noise of this scale, so a
+    # > 0: in training steps the gate's score gets logistic noise of this scale, so a
     # learned gate's choices vary near its threshold and the layers after it see every kind of
-    # position kept now and then, as random deletion's do; hard deletion (inference) is unchanged.
+    # position kept now and then, as random deletion's do; evaluation (soft or hard) is unchanged.
     noise: float = 0.0
     # The layers after the gate add each key's hard decision (0 kept, k deleted) to its logits in
     # the forward pass, with the gate value's gradient (straight through), as the carry does. A

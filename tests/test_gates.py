@@ -28,8 +28,8 @@ def gated_model(kind: str, **overrides):
     return build(config.model, nnx.Rngs(0)), config
 
 
-def forward(model, batch: dict, deletion: str = "soft"):
-    return jit_apply(lambda model, batch: gates.forward(model, batch, deletion), model, batch)
+def forward(model, batch: dict, deletion: str = "soft", training: bool = False):
+    return jit_apply(lambda model, batch: gates.forward(model, batch, deletion, training), model, batch)
 
 
 def batch_of(*documents: bytes) -> dict:
@@ -179,20 +179,23 @@ def test_without_the_carry_gradient_the_gate_learns_only_through_attention():
     assert attention_only == 0.0
 
 
-def test_gate_noise_varies_soft_deletion_only():
-    def gate_values(noise: float, deletion: str, *documents):
+def test_gate_noise_varies_training_steps_only():
+    def gate_values(noise: float, deletion: str, training: bool, *documents):
         model, _ = gated_model("byte", **{"model.gate.noise": noise})
         model.gate.b[...] = jnp.zeros_like(model.gate.b[...])  # scores near the threshold
-        _, stats = forward(model, batch_of(*documents), deletion)
+        _, stats = forward(model, batch_of(*documents), deletion, training=training)
         return np.asarray(stats["gates"])[np.asarray(stats["valid"])]
 
-    plain = gate_values(0.0, "soft", TEXT, SECOND)
-    noisy = gate_values(1.0, "soft", TEXT, SECOND)
+    plain = gate_values(0.0, "soft", True, TEXT, SECOND)
+    noisy = gate_values(1.0, "soft", True, TEXT, SECOND)
     k = micro_config().model.gate.k
     flipped = (plain <= k / 2) != (noisy <= k / 2)
     assert 0.05 < flipped.mean() < 0.5, "logistic noise of scale 1 flips some decisions near the threshold"
-    np.testing.assert_array_equal(noisy, gate_values(1.0, "soft", TEXT, SECOND))  # reproducible
-    np.testing.assert_array_equal(gate_values(1.0, "hard", TEXT, SECOND), gate_values(0.0, "hard", TEXT, SECOND))
+    np.testing.assert_array_equal(noisy, gate_values(1.0, "soft", True, TEXT, SECOND))  # reproducible
+    for deletion in ("soft", "hard"):  # evaluation, in either mode, is unchanged
+        np.testing.assert_array_equal(gate_values(1.0, deletion, False, TEXT, SECOND),
+                                      gate_values(0.0, deletion, False, TEXT, SECOND))
+    np.testing.assert_array_equal(gate_values(1.0, "soft", False, TEXT, SECOND), plain)
 
 
 def train_gated(run_dir, steps: int, corpus=None, **overrides):

@@ -34,9 +34,9 @@ class TransformerLM(nnx.Module):
         if cfg.gate.layer:
             self.gate = DeleteGate(cfg.backbone_dim, cfg.gate, cfg.norm_eps, rngs)
 
-    def __call__(self, batch: dict, deletion: str = "soft", with_stats: bool = False):
+    def __call__(self, batch: dict, deletion: str = "soft", with_stats: bool = False, training: bool = False):
         """Next-token logits [B, T, V]: position t predicts token t+1. deletion: soft or hard, for
-        a gated model (with_stats: also return its statistics, or None)."""
+        a gated model (with_stats: also return its statistics, or None; training: a training step's)."""
         tokens_BxT, segments_BxT = batch["tokens"], batch["segments"]
         positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
@@ -44,7 +44,7 @@ class TransformerLM(nnx.Module):
         if self.cfg.gate.layer:
             x_BxTxD, stats = run_gated(self.blocks, self.gate, x_BxTxD, tokens_BxT, positions_BxT, segments_BxT,
                                        self.window, deletion, remat=self.cfg.remat_of("backbone"),
-                                       scan=self.cfg.scan_layers)
+                                       scan=self.cfg.scan_layers, training=training)
         else:
             x_BxTxD = run_blocks(self.blocks, x_BxTxD, positions_BxT, segments_BxT, self.window,
                                  remat=self.cfg.remat_of("backbone"), scan=self.cfg.scan_layers)

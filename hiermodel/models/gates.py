@@ -30,7 +30,7 @@ class DeleteGate(nnx.Module):
 
     def __call__(self, h_BxNxD, tokens_BxN, keep_BxN, valid_BxN, noisy: bool = False):
         """Gate values [B, N] in float32: 0 where a position must stay (keep), k on padding.
-        noisy: with cfg.noise, the learned score gets logistic noise (soft deletion's training)."""
+        noisy: with cfg.noise, the learned score gets logistic noise (training only)."""
         k = self.cfg.k
         if self.cfg.mode == "random":
             deleted_BxN = jax.random.uniform(_content_key(tokens_BxN), tokens_BxN.shape) < self.cfg.target
@@ -50,12 +50,17 @@ def _content_key(tokens_BxN):
     return jax.random.fold_in(jax.random.key(0), jnp.sum(tokens_BxN * (jnp.arange(tokens_BxN.shape[1]) + 1)))
 
 
+def passes(gates_BxN, k: float):
+    """Which positions hard deletion keeps: gate values above k / 2."""
+    return gates_BxN > k / 2
+
+
 def key_offsets(gates_BxN, cfg: GateConfig):
     """What the gated layers add to each key's attention logits: its gate value, or with
     cfg.straight_through its hard decision (0 or k) carrying the gate value's gradient."""
     if not cfg.straight_through:
         return gates_BxN
-    hard_BxN = jnp.where(gates_BxN > cfg.k / 2, 0.0, cfg.k)
+    hard_BxN = jnp.where(passes(gates_BxN, cfg.k), 0.0, cfg.k)
     return gates_BxN + jax.lax.stop_gradient(hard_BxN - gates_BxN)
 
 
@@ -85,10 +90,11 @@ def _carry_last_kept(kept_BxN, update_BxNxD, initial_BxD=None):
 
 
 def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segments_BxN, window: int,
-              deletion: str, remat: str = "none", scan: bool = False):
+              deletion: str, remat: str = "none", scan: bool = False, training: bool = False):
     """The stack with a delete gate after layer gate.cfg.layer (and its last gate.cfg.full_layers
     on every position again). Segment starts are always kept, so the carried update never crosses
-    documents. Returns the output and the gate's statistics."""
+    documents. training: the gate's score gets its training noise. Returns the output and the
+    gate's statistics."""
     cfg = gate.cfg
     if deletion not in DELETION_MODES:
         raise ValueError(f"deletion={deletion!r}: use soft or hard")
@@ -96,7 +102,7 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     h_BxNxD = run_blocks(blocks[:cfg.layer], x_BxNxD, positions_BxN, segments_BxN, window, remat=remat, scan=scan)
     valid_BxN = segments_BxN > 0
     starts_BxN = segments_BxN != jnp.pad(segments_BxN[:, :-1], ((0, 0), (1, 0)))
-    gates_BxN = gate(h_BxNxD, tokens_BxN, starts_BxN & valid_BxN, valid_BxN, noisy=deletion == "soft")
+    gates_BxN = gate(h_BxNxD, tokens_BxN, starts_BxN & valid_BxN, valid_BxN, noisy=training)
     deleting = _soft_deletion if deletion == "soft" else _hard_deletion
     update_BxNxD, stats = deleting(blocks[middle], cfg, h_BxNxD, gates_BxN, valid_BxN, positions_BxN,
                                    segments_BxN, window, remat, scan)
@@ -116,7 +122,7 @@ def _soft_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, posit
     # The carry is hard in the forward pass, as at inference, with the soft weight's gradient
     # (straight through): a half-open gate must not pass half a deep update that hard
     # deletion would then take away.
-    hard_BxN = (gates_BxN > cfg.k / 2).astype(kept_BxN.dtype)
+    hard_BxN = passes(gates_BxN, cfg.k).astype(kept_BxN.dtype)
     carried_BxN = kept_BxN + jax.lax.stop_gradient(hard_BxN - kept_BxN) if cfg.carry_gradient else hard_BxN
     update_BxNxD = _carry_last_kept(carried_BxN, deep_BxNxD - h_BxNxD)
     return update_BxNxD, {"kept": kept_BxN, "gates": gates_BxN, "valid": valid_BxN}
@@ -127,7 +133,7 @@ def _hard_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, posit
     """The top-C passing positions, in their original order, through the gated layers; the rest
     are skipped. Returns each position's carried deep update and the statistics."""
     n, c = segments_BxN.shape[1], capacity(segments_BxN.shape[1], cfg)
-    passing_BxN = valid_BxN & (gates_BxN > cfg.k / 2)
+    passing_BxN = valid_BxN & passes(gates_BxN, cfg.k)
     score_BxN = jnp.where(passing_BxN, gates_BxN, -jnp.inf)
     top_BxC = jax.lax.top_k(score_BxN, c)[1]
     # Kept positions first, in their original order: slot i holds the i-th kept position.
@@ -171,7 +177,7 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     for i in range(cfg.layer):
         x_BxSxD, caches[i] = blocks[i].extend(x_BxSxD, positions_BxS, caches[i], window)
     gates_BxS = gate(x_BxSxD, tokens_BxS, positions_BxS == 0, jnp.ones_like(positions_BxS, bool))
-    kept_BxS = gates_BxS > cfg.k / 2
+    kept_BxS = passes(gates_BxS, cfg.k)
     key_gates = KeyGates(jnp.where(kept_BxS, key_offsets(gates_BxS, cfg), -jnp.inf), cfg.logit_cap)
     middle = gated_layers(cfg, len(blocks))
     deep_BxSxD = x_BxSxD
@@ -193,9 +199,10 @@ def gate_flops(dim: int, length: int) -> int:
     return 2 * dim * length
 
 
-def forward(model: nnx.Module, batch: dict, deletion: str = "soft"):
-    """(logits, gate statistics or None for an ungated model) of one forward."""
-    return model(batch, deletion=deletion, with_stats=True)
+def forward(model: nnx.Module, batch: dict, deletion: str = "soft", training: bool = False):
+    """(logits, gate statistics or None for an ungated model) of one forward; training: a
+    training step's (the gate's score noisy, if configured)."""
+    return model(batch, deletion=deletion, with_stats=True, training=training)
 
 
 def deletion_counts(stats: dict | None, k: float) -> dict:
@@ -205,5 +212,5 @@ def deletion_counts(stats: dict | None, k: float) -> dict:
         return {name: jnp.zeros((), jnp.float32) for name in ("positions", "deleted", "deleted_soft")}
     valid_BxN = stats["valid"]
     return {"positions": valid_BxN.sum().astype(jnp.float32),
-            "deleted": ((stats["gates"] <= k / 2) & valid_BxN).sum().astype(jnp.float32),
+            "deleted": (~passes(stats["gates"], k) & valid_BxN).sum().astype(jnp.float32),
             "deleted_soft": ((stats["gates"] / k) * valid_BxN).sum()}

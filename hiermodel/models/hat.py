@@ -93,9 +93,10 @@ class HAT(nnx.Module):
         self.head_norm = RMSNorm(cfg.byte_dim, cfg.norm_eps)
         self.head = param(rngs, (cfg.byte_dim, VOCAB_SIZE), ("embed", "vocab"))
 
-    def __call__(self, batch: dict, deletion: str = "soft", with_stats: bool = False):
+    def __call__(self, batch: dict, deletion: str = "soft", with_stats: bool = False, training: bool = False):
         """Next-token logits [B, T, V]: position t predicts token t+1. deletion: soft or hard, for
-        a model whose backbone has a gate over words (with_stats: also return its statistics, or None)."""
+        a model whose backbone has a gate over words (with_stats: also return its statistics, or None;
+        training: a training step's)."""
         cfg = self.cfg
         tokens_BxT, segments_BxT = batch["tokens"], batch["segments"]
         words_BxT, word_segments_BxW = batch["words"], batch["word_segments"]
@@ -115,8 +116,8 @@ class HAT(nnx.Module):
             lengths_BxW = _segment_op(jax.ops.segment_sum, jnp.ones_like(words_BxT), words_BxT, num_words + 1)
             words_BxWxDb, stats = run_gated(self.backbone, self.gate, words_BxWxDb, lengths_BxW[:, :num_words],
                                             word_positions_BxW, word_segments_BxW, 0, deletion,
-                                            remat=cfg.remat_of("backbone"),
-                                            scan=cfg.scan_layers)
+                                            remat=cfg.remat_of("backbone"), scan=cfg.scan_layers,
+                                            training=training)
         else:
             words_BxWxDb = run_blocks(self.backbone, words_BxWxDb, word_positions_BxW, word_segments_BxW,
                                       remat=cfg.remat_of("backbone"), scan=cfg.scan_layers)

@@ -99,7 +99,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: TrainCon
     def loss_sum(params, microbatch, alpha):
         """Summed nats, plus the gate regulariser alpha * mean(G) per target; (loss, (nats, gate counts))."""
         model = nnx.merge(graphdef, cast(params, compute_dtype))
-        logits, stats = gates.forward(model, microbatch)
+        logits, stats = gates.forward(model, microbatch, training=True)
         nats = token_nats(logits, microbatch).sum()
         if stats is None:
             return nats, (nats, {})
