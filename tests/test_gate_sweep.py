@@ -81,6 +81,25 @@ def test_each_planned_run_continues_its_own_corpus_and_seed(tmp_path):
         assert config.run_dir == str(tmp_path / corpus / f"seed{seed}" / name.replace(" ", "_"))
 
 
+def test_finished_summarises_the_plans_finished_runs_and_trains_nothing(tmp_path, capsys):
+    import json
+
+    args = [str(MICRO), "--output", str(tmp_path), "--targets", "0.5", "--random", "0.5", "--seeds", "0,1",
+            "--no-soft", "--finished"]
+    assert gate_sweep.main(args) == 2
+    assert "no run of this plan has finished" in capsys.readouterr().err
+    for name, bpb in (("no gate", 2.0), ("learned 0.5", 2.1), ("random 0.5", 2.2)):
+        run = tmp_path / "seed0" / name.replace(" ", "_")
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({**_result("config", 0, name, bpb, 0.5), "layer": 1}))
+    assert gate_sweep.main(args) == 0
+    assert not (tmp_path / "seed1").exists()
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["seed"], r["name"]) for r in rows] == [(0, "no gate"), (0, "learned 0.5"), (0, "random 0.5")]
+    learned = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| learned 0.5 |" in line)
+    assert "+5.00%" in learned and "-0.1000" in learned
+
+
 def test_a_corpus_needs_a_name_and_patterns():
     assert gate_sweep._corpus("en=a/*.txt,b/*.txt")[1] == ["data.train=[a/*.txt,b/*.txt]", "data.eval=[a/*.txt,b/*.txt]"]
     with pytest.raises(gate_sweep.UserError, match="NAME=PATTERN"):

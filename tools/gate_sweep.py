@@ -6,14 +6,15 @@ result.json exists is not repeated, so an interrupted sweep continues where it s
 
     python tools/gate_sweep.py CONFIG --output DIR [--targets 0.3,0.5] [--random 0.5]
         [--seeds 0,1,2] [--corpus NAME=PATTERN[,PATTERN...] ...]
-        [--variant "learned T, CHANGE=key=value key=value" ...] [--no-soft] [key=value ...]
+        [--variant "learned T, CHANGE=key=value key=value" ...] [--no-soft] [--finished] [key=value ...]
 
 Each --corpus sets data.train and data.eval to its patterns (the config's holdout then picks the
 held-out documents); without one, the config's data is the only corpus. Each --variant adds a
 run with its overrides; a learned variant is compared with the random one that deletes at its
 target from the same layers. In any override, {corpus} and {seed} become the run's corpus name
 and seed: `init_from=runs/base/{corpus}/seed{seed}/no_gate` gates each corpus' and seed's own
-trained model (MrT5's setting).
+trained model (MrT5's setting). --finished trains nothing: it summarises the plan's finished runs
+(a stopped sweep's, or a part of a larger one's).
 """
 
 import argparse
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", action="append", default=[], help="NAME=PATTERN[,PATTERN...]; repeatable")
     p.add_argument("--variant", action="append", default=[], help="NAME=key=value [key=value ...]; repeatable")
     p.add_argument("--no-soft", dest="soft", action="store_false", help="score hard deletion only")
+    p.add_argument("--finished", action="store_true", help="train nothing; summarise the finished runs")
     args = p.parse_intermixed_args(argv)
     try:
         targets = [float(t) for t in args.targets.split(",") if t]
@@ -233,6 +235,10 @@ def main(argv=None) -> int:
         output = Path(args.output)
         planned = plan(args.config, args.overrides, _variants(targets, random, args.variant), seeds, corpora, output)
         results = []
+        if args.finished:
+            planned = [run for run in planned if (Path(run[3].run_dir) / "result.json").exists()]
+            if not planned:
+                raise UserError(f"{output}: no run of this plan has finished")
         for corpus, seed, name, config in planned:  # every config loads (and fails) before any training
             results.append(_run(config, corpus, seed, name, args.soft))
             output.mkdir(parents=True, exist_ok=True)
