@@ -79,6 +79,13 @@ def test_each_planned_run_continues_its_own_corpus_and_seed(tmp_path):
         assert config.init_from == f"runs/b/{corpus}/seed{seed}/no_gate" and config.seed == seed
         assert config.data.train == [f"c/{corpus}_*"]
         assert config.run_dir == str(tmp_path / corpus / f"seed{seed}" / name.replace(" ", "_"))
+    # One seed of one corpus goes where the larger plan put it, so its finished runs are found.
+    alone = gate_sweep.plan(str(REPO / "configs" / "gates_byte.yaml"), [], gate_sweep._variants([0.5], [], []), [2],
+                            corpora[1:], tmp_path)
+    assert [c.run_dir for *_, c in alone] == [c.run_dir for cp, s, _, c in planned if (cp, s) == ("en", 2)]
+    own_data = gate_sweep.plan(str(REPO / "configs" / "gates_byte.yaml"), [], gate_sweep._variants([], [], []), [0],
+                               [("config", [])], tmp_path)
+    assert own_data[0][3].run_dir == str(tmp_path / "seed0" / "no_gate")
 
 
 def test_finished_summarises_the_plans_finished_runs_and_trains_nothing(tmp_path, capsys):

@@ -54,12 +54,15 @@ def _corpus(spec: str) -> tuple[str, list[str]]:
 def plan(config_path: str, overrides: list[str], variants: list[tuple[str, list[str]]], seeds: list[int],
          corpora: list[tuple[str, list[str]]], output: Path) -> list[tuple]:
     """(corpus, seed, variant name, config) of every run, seed by seed, so that an interrupted
-    sweep has whole seeds over every corpus. {corpus} and {seed} are filled into the overrides."""
+    sweep has whole seeds over every corpus, each run in OUTPUT/[CORPUS/]seedS/VARIANT. {corpus}
+    and {seed} are filled into the overrides."""
     planned = []
     for seed in seeds:
         for corpus, data in corpora:
             for name, extra in variants:
-                run_dir = output / (corpus if len(corpora) > 1 else "") / (f"seed{seed}" if len(seeds) > 1 else "") \
+                # The same place whatever else the plan holds: a later sweep with more seeds or
+                # corpora, or one seed of it, finds the finished runs.
+                run_dir = output / (corpus if data else "") / f"seed{seed}" \
                     / "".join(c if c.isalnum() or c == "." else "_" for c in name)
                 placed = [o.replace("{corpus}", corpus).replace("{seed}", str(seed)) for o in [*overrides, *data, *extra]]
                 planned.append((corpus, seed, name,
