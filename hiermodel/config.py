@@ -54,6 +54,12 @@ class GateConfig:
     # learned gate otherwise settles its kept positions just above k / 2 (measured): kept, yet
     # offset by about k / 2, nearly hidden from every query.
     straight_through: bool = False
+    # What the full layers' attention reads: "all" positions, or only the "kept" ones, as MrT5's
+    # decoder reads only the encoder's kept states. With "all" a deleted byte's first-layer state
+    # stays visible, which makes deletion cheap but the gate's choice nearly free of consequence
+    # (measured: learned and random deletion then score alike); with "kept" what the gate drops,
+    # later positions can no longer read. Every position still predicts from its own state.
+    full_keys: str = "all"
 
 
 @dataclasses.dataclass

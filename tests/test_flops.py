@@ -32,6 +32,9 @@ CASES = {
     "hat gated": {"model.kind": "hat", "model.gate.layer": 1},
     "byte gated, last layer full": {"model.kind": "byte", "model.backbone_layers": 3, "model.gate.layer": 1,
                                     "model.gate.full_layers": 1, "model.byte_window": 48},
+    "byte gated, last layer on kept keys": {"model.kind": "byte", "model.backbone_layers": 3, "model.gate.layer": 1,
+                                            "model.gate.full_layers": 1, "model.gate.full_keys": "kept",
+                                            "model.byte_window": 48},
 }
 
 
@@ -100,6 +103,8 @@ def attention_gap(model, t: int, w: int) -> int:
         return 3 * (byte + model.backbone_layers * excess(model.backbone_dim, w * w, kept_pairs(w, 0)))
     window = model.byte_window if model.kind == "byte" else 0
     gated = model.backbone_layers - model.gate.layer - model.gate.full_layers if model.gate.layer else 0
+    if gated and model.gate.full_keys == "kept":  # the full layers read gate values too
+        gated += model.gate.full_layers
     ungated = (model.backbone_layers - gated) * excess(
         model.backbone_dim, attention_score_pairs(t, window), kept_pairs(t, window))
     # After a gate the attention is dense but its mask still has the window.

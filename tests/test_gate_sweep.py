@@ -46,6 +46,13 @@ def test_summary_pairs_each_seed_with_its_own_baselines():
     for r in results[-2:]:
         r["full_layers"] = 1
     assert "vs_random" not in {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}["en", "learned 0.5, later=x"]
+    for r in results:
+        if "later" in r["name"]:
+            r["full_layers"] = 1
+    assert "vs_random" in {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}["en", "learned 0.5, later=x"]
+    for r in results[-2:]:
+        r["full_keys"] = "kept"  # full layers reading other keys: another baseline
+    assert "vs_random" not in {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}["en", "learned 0.5, later=x"]
     table = gate_sweep.summary_markdown(gate_sweep.summarize(results))
     en_line = next(line for line in table.splitlines() if line.startswith("| en | learned"))
     fi_line = next(line for line in table.splitlines() if line.startswith("| fi | learned"))

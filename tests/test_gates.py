@@ -46,12 +46,15 @@ def saturate(model) -> None:
     model.gate.b[...] = jnp.zeros_like(model.gate.b[...])
 
 
-# The stack's last layer on every position again, after two gated ones.
+# The stack's last layer on every position again, after two gated ones; or reading the kept ones only.
 LAST_LAYER_FULL = {"model.backbone_layers": 4, "model.gate.full_layers": 1}
+KEPT_KEYS = {**LAST_LAYER_FULL, "model.gate.full_keys": "kept"}
 
 
-@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL), ("hat", LAST_LAYER_FULL)],
-                         ids=["byte", "hat", "byte, last layer full", "hat, last layer full"])
+@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL), ("hat", LAST_LAYER_FULL),
+                                         ("byte", KEPT_KEYS), ("hat", KEPT_KEYS)],
+                         ids=["byte", "hat", "byte, last layer full", "hat, last layer full",
+                              "byte, last layer on kept keys", "hat, last layer on kept keys"])
 def test_hard_deletion_equals_soft_when_gates_saturate(kind, extra):
     # Slack so that the capacity holds every kept position: no overflow.
     model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5, **extra})
@@ -91,8 +94,8 @@ def test_with_straight_through_keys_the_forward_depends_only_on_the_decisions(ki
         "without straight-through keys, kept keys are offset by their gate values"
 
 
-@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL)],
-                         ids=["byte", "hat", "byte, last layer full"])
+@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL), ("byte", KEPT_KEYS)],
+                         ids=["byte", "hat", "byte, last layer full", "byte, last layer on kept keys"])
 def test_hard_deletion_is_causal_without_overflow(kind, extra):
     model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5, **extra})
     logits = np.asarray(forward(model, batch_of(TEXT), "hard")[0])
@@ -100,6 +103,34 @@ def test_hard_deletion_is_causal_without_overflow(kind, extra):
         changed = np.asarray(forward(model, batch_of(TEXT[:t + 1] + b"Q" * (len(TEXT) - t - 1)), "hard")[0])
         np.testing.assert_allclose(changed[0, :t + 2], logits[0, :t + 2], atol=1e-5, rtol=1e-5)
         assert not np.allclose(changed[0, t + 2:len(TEXT) + 1], logits[0, t + 2:len(TEXT) + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("deletion", ["soft", "hard"])
+def test_full_layers_on_kept_keys_read_no_deleted_position(deletion):
+    """With the first layer's attention off, a deleted byte reaches later positions only through
+    the full layer: with full_keys=all it does, with kept it does not."""
+    def logits(full_keys: str, text: bytes):
+        model, _ = gated_model("byte", **{"model.gate.capacity_slack": 2.5, **LAST_LAYER_FULL,
+                                          "model.gate.full_keys": full_keys})
+        saturate(model)
+        model.blocks[0].attn.wo[...] = jnp.zeros_like(model.blocks[0].attn.wo[...])
+        out, stats = forward(model, batch_of(text), deletion)
+        return np.asarray(out)[0], np.asarray(stats["kept"])[0]
+
+    for full_keys, later_changes in (("all", True), ("kept", False)):
+        before, kept = logits(full_keys, TEXT)
+        # The same byte at a deleted position, changed: its gate decision must not change.
+        t = next(t for t in range(20, len(TEXT) - 20) if kept[t + 1] < 0.5)
+        for replacement in b"QZXJ":
+            after, kept_after = logits(full_keys, TEXT[:t] + bytes([replacement]) + TEXT[t + 1:])
+            if (kept_after == kept).all():
+                break
+        else:
+            raise AssertionError("no replacement kept the gate's decisions")
+        np.testing.assert_allclose(after[:t + 1], before[:t + 1], atol=1e-5, rtol=1e-5)  # causal
+        assert not np.allclose(after[t + 1], before[t + 1], atol=1e-5)  # its own prediction
+        later = np.abs(after[t + 2:len(TEXT) + 1] - before[t + 2:len(TEXT) + 1]).max()
+        assert (later > 1e-3) == later_changes, (full_keys, later)
 
 
 def test_hard_deletion_runs_later_layers_on_the_capacity_and_counts_overflow():
@@ -130,6 +161,7 @@ def test_bad_gate_settings_are_rejected():
                                ({"model.gate.full_layers": -1}, "model.gate.full_layers=-1"),
                                ({"model.gate.logit_cap": 20.0}, "logit_cap"),
                                ({"model.gate.mode": "fixed"}, "learned or random"),
+                               ({"model.gate.full_keys": "deleted"}, "all or kept"),
                                ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001"),
                                ({"model.gate.target_warmup": -5}, "target_warmup=-5"),
                                ({"model.gate.noise": -1.0}, "noise=-1.0")]:

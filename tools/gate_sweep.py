@@ -131,8 +131,9 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def _random_twin(results: list[dict], run: dict) -> dict | None:
     """The random-deletion run of the same corpus and seed that deletes at `run`'s target from the
-    same layers: the learned gate's baseline."""
-    shape = lambda r: (r["corpus"], r["seed"], r["target"], r.get("layer"), r.get("full_layers", 0))
+    same layers, its full layers reading the same keys: the learned gate's baseline."""
+    shape = lambda r: (r["corpus"], r["seed"], r["target"], r.get("layer"), r.get("full_layers", 0),
+                       r.get("full_keys", "all"))
     return next((r for r in results if r.get("mode", "random" if r["name"].startswith("random") else "learned")
                  == "random" and shape(r) == shape(run)), None)
 
@@ -207,7 +208,8 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
                            "rerun the same command to resume")
     gate = config.model.gate
     result = {"corpus": corpus, "seed": seed, "name": name, "target": gate.target if gate.layer else 0.0,
-              "layer": gate.layer, "full_layers": gate.full_layers, "mode": gate.mode if gate.layer else "none",
+              "layer": gate.layer, "full_layers": gate.full_layers, "full_keys": gate.full_keys,
+              "mode": gate.mode if gate.layer else "none",
               "layers": config.model.backbone_layers,
               "train": logged, "hard": _score(config, "hard"), "training_rate": training_rate(config.run_dir)}
     if soft:

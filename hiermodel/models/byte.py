@@ -96,8 +96,10 @@ def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | Non
                                              cfg.backbone_mlp_dim, w, recompute, causal_pairs, attention)
     gated = cfg.backbone_layers - cfg.gate.layer - cfg.gate.full_layers if cfg.gate.layer else 0
     gate = gate_flops(cfg.backbone_dim, length) if gated and recompute is None else 0
+    # Layers reading gate values attend densely; the full layers do too when they read the kept keys only.
+    dense = gated + (cfg.gate.full_layers if gated and cfg.gate.full_keys == "kept" else 0)
     gated_window = window if causal_pairs else 0
-    return (cfg.backbone_layers - gated) * block(window, cfg.attention) + gated * block(gated_window, "xla") + gate
+    return (cfg.backbone_layers - dense) * block(window, cfg.attention) + dense * block(gated_window, "xla") + gate
 
 
 class ByteLM(TransformerLM):

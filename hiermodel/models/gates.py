@@ -6,7 +6,8 @@ on the positions with G > k / 2, compacted to a static capacity (hard deletion, 
 Either way every position still gets an output for the loss: its own layer-l state plus the
 deep update (final - layer-l state) of the last kept position (the soft mode's carry is hard
 in the forward pass, soft in the backward unless `carry_gradient` is off), so the two modes
-agree when gates saturate. The stack's last `full_layers` layers then run on every position again.
+agree when gates saturate. The stack's last `full_layers` layers then run on every position again,
+reading every position or (`full_keys`) only the kept ones.
 """
 
 import math
@@ -106,8 +107,14 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     deleting = _soft_deletion if deletion == "soft" else _hard_deletion
     update_BxNxD, stats = deleting(blocks[middle], cfg, h_BxNxD, gates_BxN, valid_BxN, positions_BxN,
                                    segments_BxN, window, remat, scan)
+    full_args = ()
+    if cfg.full_keys == "kept":
+        offsets_BxN = key_offsets(gates_BxN, cfg)
+        if deletion == "hard":  # what hard deletion dropped (overflow included) is gone, as in extend_gated
+            offsets_BxN = jnp.where(stats["kept"] > 0, offsets_BxN, -jnp.inf)
+        full_args = (KeyGates(offsets_BxN.astype(h_BxNxD.dtype), cfg.logit_cap),)
     out_BxNxD = run_blocks(blocks[middle.stop:], h_BxNxD + update_BxNxD, positions_BxN, segments_BxN, window,
-                           remat=remat, scan=scan)
+                           *full_args, remat=remat, scan=scan)
     return out_BxNxD, stats
 
 
@@ -161,7 +168,8 @@ def empty_gated_caches(caches: list[dict], cfg: GateConfig, dim: int) -> list[di
     gate values, and the first of them each position's carried update."""
     caches = [dict(c) for c in caches]
     b, length = caches[0]["k"].shape[:2]
-    for cache in caches[gated_layers(cfg, len(caches))]:
+    reading_gates = caches[cfg.layer:] if cfg.full_keys == "kept" else caches[gated_layers(cfg, len(caches))]
+    for cache in reading_gates:
         cache["gate"] = jnp.zeros((b, length), jnp.float32)
     caches[cfg.layer]["update"] = jnp.zeros((b, length, dim), caches[0]["k"].dtype)
     return caches
@@ -191,7 +199,8 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     caches[cfg.layer] = {**store, "update": write_at(store["update"], update_BxSxD, positions_BxS)}
     out_BxSxD = x_BxSxD + update_BxSxD
     for i in range(middle.stop, len(blocks)):
-        out_BxSxD, caches[i] = blocks[i].extend(out_BxSxD, positions_BxS, caches[i], window)
+        out_BxSxD, caches[i] = blocks[i].extend(out_BxSxD, positions_BxS, caches[i], window,
+                                                *((key_gates,) if cfg.full_keys == "kept" else ()))
     return out_BxSxD, caches
 
 
