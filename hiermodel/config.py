@@ -61,6 +61,10 @@ class GateConfig:
     # positions can no longer read: the learned gate then beats random deletion on two of three
     # corpora, at a higher cost. Every position still predicts from its own state.
     full_keys: str = "all"
+    # With full_keys=kept: the full layers still read each of the `full_recent` positions up to
+    # and including the query's, deleted or not. Spelling a word needs its own bytes; the gate
+    # decides what of the context beyond them stays.
+    full_recent: int = 0
 
 
 @dataclasses.dataclass

@@ -53,6 +53,13 @@ def test_summary_pairs_each_seed_with_its_own_baselines():
     for r in results[-2:]:
         r["full_keys"] = "kept"  # full layers reading other keys: another baseline
     assert "vs_random" not in {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}["en", "learned 0.5, later=x"]
+    for r in results:
+        if "later" in r["name"]:
+            r["full_keys"] = "kept"
+    assert "vs_random" in {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}["en", "learned 0.5, later=x"]
+    for r in results[-2:]:
+        r["full_recent"] = 16  # ... and every recent key as well: another baseline again
+    assert "vs_random" not in {(r["corpus"], r["name"]): r for r in gate_sweep.summarize(results)}["en", "learned 0.5, later=x"]
     table = gate_sweep.summary_markdown(gate_sweep.summarize(results))
     en_line = next(line for line in table.splitlines() if line.startswith("| en | learned"))
     fi_line = next(line for line in table.splitlines() if line.startswith("| fi | learned"))

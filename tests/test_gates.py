@@ -49,12 +49,15 @@ def saturate(model) -> None:
 # The stack's last layer on every position again, after two gated ones; or reading the kept ones only.
 LAST_LAYER_FULL = {"model.backbone_layers": 4, "model.gate.full_layers": 1}
 KEPT_KEYS = {**LAST_LAYER_FULL, "model.gate.full_keys": "kept"}
+KEPT_AND_RECENT = {**KEPT_KEYS, "model.gate.full_recent": 4}  # ... and the 4 positions before each query
 
 
 @pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL), ("hat", LAST_LAYER_FULL),
-                                         ("byte", KEPT_KEYS), ("hat", KEPT_KEYS)],
+                                         ("byte", KEPT_KEYS), ("hat", KEPT_KEYS), ("byte", KEPT_AND_RECENT),
+                                         ("hat", KEPT_AND_RECENT)],
                          ids=["byte", "hat", "byte, last layer full", "hat, last layer full",
-                              "byte, last layer on kept keys", "hat, last layer on kept keys"])
+                              "byte, last layer on kept keys", "hat, last layer on kept keys",
+                              "byte, last layer on kept and recent keys", "hat, last layer on kept and recent keys"])
 def test_hard_deletion_equals_soft_when_gates_saturate(kind, extra):
     # Slack so that the capacity holds every kept position: no overflow.
     model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5, **extra})
@@ -94,8 +97,10 @@ def test_with_straight_through_keys_the_forward_depends_only_on_the_decisions(ki
         "without straight-through keys, kept keys are offset by their gate values"
 
 
-@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL), ("byte", KEPT_KEYS)],
-                         ids=["byte", "hat", "byte, last layer full", "byte, last layer on kept keys"])
+@pytest.mark.parametrize("kind, extra", [("byte", {}), ("hat", {}), ("byte", LAST_LAYER_FULL), ("byte", KEPT_KEYS),
+                                         ("byte", KEPT_AND_RECENT)],
+                         ids=["byte", "hat", "byte, last layer full", "byte, last layer on kept keys",
+                              "byte, last layer on kept and recent keys"])
 def test_hard_deletion_is_causal_without_overflow(kind, extra):
     model, _ = gated_model(kind, **{"model.gate.capacity_slack": 2.5, **extra})
     logits = np.asarray(forward(model, batch_of(TEXT), "hard")[0])
@@ -108,29 +113,32 @@ def test_hard_deletion_is_causal_without_overflow(kind, extra):
 @pytest.mark.parametrize("deletion", ["soft", "hard"])
 def test_full_layers_on_kept_keys_read_no_deleted_position(deletion):
     """With the first layer's attention off, a deleted byte reaches later positions only through
-    the full layer: with full_keys=all it does, with kept it does not."""
-    def logits(full_keys: str, text: bytes):
-        model, _ = gated_model("byte", **{"model.gate.capacity_slack": 2.5, **LAST_LAYER_FULL,
-                                          "model.gate.full_keys": full_keys})
+    the full layer: with full_keys=all every later one in the byte window, with kept none, with
+    kept and full_recent=4 the next three (within 4 positions of it) and no further."""
+    def logits(extra: dict, text: bytes):
+        model, _ = gated_model("byte", **{"model.gate.capacity_slack": 2.5, **LAST_LAYER_FULL, **extra})
         saturate(model)
         model.blocks[0].attn.wo[...] = jnp.zeros_like(model.blocks[0].attn.wo[...])
         out, stats = forward(model, batch_of(text), deletion)
         return np.asarray(out)[0], np.asarray(stats["kept"])[0]
 
-    for full_keys, later_changes in (("all", True), ("kept", False)):
-        before, kept = logits(full_keys, TEXT)
+    end, window = len(TEXT) + 1, gated_model("byte")[1].model.byte_window
+    for extra, reaches in (({"model.gate.full_keys": "all"}, window - 1), (KEPT_KEYS, 0), (KEPT_AND_RECENT, 3)):
+        before, kept = logits(extra, TEXT)
         # The same byte at a deleted position, changed: its gate decision must not change.
         t = next(t for t in range(20, len(TEXT) - 20) if kept[t + 1] < 0.5)
         for replacement in b"QZXJ":
-            after, kept_after = logits(full_keys, TEXT[:t] + bytes([replacement]) + TEXT[t + 1:])
+            after, kept_after = logits(extra, TEXT[:t] + bytes([replacement]) + TEXT[t + 1:])
             if (kept_after == kept).all():
                 break
         else:
             raise AssertionError("no replacement kept the gate's decisions")
         np.testing.assert_allclose(after[:t + 1], before[:t + 1], atol=1e-5, rtol=1e-5)  # causal
         assert not np.allclose(after[t + 1], before[t + 1], atol=1e-5)  # its own prediction
-        later = np.abs(after[t + 2:len(TEXT) + 1] - before[t + 2:len(TEXT) + 1]).max()
-        assert (later > 1e-3) == later_changes, (full_keys, later)
+        change = np.abs(after - before).max(axis=-1)  # logits index i predicts from byte i - 1
+        reached = change[t + 2:min(t + 2 + reaches, end)]
+        assert (reached > 1e-3).all(), (extra, reached)
+        assert (change[t + 2 + reaches:end] < 1e-5).all(), (extra, change[t + 2 + reaches:end])
 
 
 def test_hard_deletion_runs_later_layers_on_the_capacity_and_counts_overflow():
@@ -162,6 +170,7 @@ def test_bad_gate_settings_are_rejected():
                                ({"model.gate.logit_cap": 20.0}, "logit_cap"),
                                ({"model.gate.mode": "fixed"}, "learned or random"),
                                ({"model.gate.full_keys": "deleted"}, "all or kept"),
+                               ({"model.gate.full_recent": 4}, "full_recent=4: needs model.gate.full_keys=kept"),
                                ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001"),
                                ({"model.gate.target_warmup": -5}, "target_warmup=-5"),
                                ({"model.gate.noise": -1.0}, "noise=-1.0")]:

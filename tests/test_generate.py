@@ -26,7 +26,9 @@ GATED = {"model.gate.layer": 1, "model.gate.bias": 0.0, "model.gate.target": 0.0
 LAST_LAYER_FULL = {**GATED, "model.backbone_layers": 3, "model.gate.full_layers": 1}
 BYTE_MODELS = {"plain": {}, "gated": GATED, "gated, last layer full": LAST_LAYER_FULL,
                "gated, straight-through keys": {**LAST_LAYER_FULL, "model.gate.straight_through": True},
-               "gated, last layer on kept keys": {**LAST_LAYER_FULL, "model.gate.full_keys": "kept"}}
+               "gated, last layer on kept keys": {**LAST_LAYER_FULL, "model.gate.full_keys": "kept"},
+               "gated, last layer on kept and recent keys": {**LAST_LAYER_FULL, "model.gate.full_keys": "kept",
+                                                             "model.gate.full_recent": 5}}
 
 
 @pytest.fixture(scope="module", params=list(BYTE_MODELS))

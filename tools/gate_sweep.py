@@ -133,7 +133,7 @@ def _random_twin(results: list[dict], run: dict) -> dict | None:
     """The random-deletion run of the same corpus and seed that deletes at `run`'s target from the
     same layers, its full layers reading the same keys: the learned gate's baseline."""
     shape = lambda r: (r["corpus"], r["seed"], r["target"], r.get("layer"), r.get("full_layers", 0),
-                       r.get("full_keys", "all"))
+                       r.get("full_keys", "all"), r.get("full_recent", 0))
     return next((r for r in results if r.get("mode", "random" if r["name"].startswith("random") else "learned")
                  == "random" and shape(r) == shape(run)), None)
 
@@ -209,6 +209,7 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
     gate = config.model.gate
     result = {"corpus": corpus, "seed": seed, "name": name, "target": gate.target if gate.layer else 0.0,
               "layer": gate.layer, "full_layers": gate.full_layers, "full_keys": gate.full_keys,
+              "full_recent": gate.full_recent,
               "mode": gate.mode if gate.layer else "none",
               "layers": config.model.backbone_layers,
               "train": logged, "hard": _score(config, "hard"), "training_rate": training_rate(config.run_dir)}

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hiermodel.config import ModelConfig
-from hiermodel.models.gates import DeleteGate, empty_gated_caches, extend_gated, gate_flops, run_gated
+from hiermodel.models.gates import (DeleteGate, empty_gated_caches, extend_gated, gate_flops, reads_kept_keys,
+                                     run_gated)
 from hiermodel.models.layers import Block, RMSNorm, block_flops, empty_cache, param, run_blocks
 from hiermodel.text.words import VOCAB_SIZE
 
@@ -97,7 +98,7 @@ def stack_flops(cfg: ModelConfig, length: int, window: int, recompute: str | Non
     gated = cfg.backbone_layers - cfg.gate.layer - cfg.gate.full_layers if cfg.gate.layer else 0
     gate = gate_flops(cfg.backbone_dim, length) if gated and recompute is None else 0
     # Layers reading gate values attend densely; the full layers do too when they read the kept keys only.
-    dense = gated + (cfg.gate.full_layers if gated and cfg.gate.full_keys == "kept" else 0)
+    dense = gated + (cfg.gate.full_layers if gated and reads_kept_keys(cfg.gate) else 0)
     gated_window = window if causal_pairs else 0
     return (cfg.backbone_layers - dense) * block(window, cfg.attention) + dense * block(gated_window, "xla") + gate
 

@@ -7,7 +7,7 @@ Either way every position still gets an output for the loss: its own layer-l sta
 deep update (final - layer-l state) of the last kept position (the soft mode's carry is hard
 in the forward pass, soft in the backward unless `carry_gradient` is off), so the two modes
 agree when gates saturate. The stack's last `full_layers` layers then run on every position again,
-reading every position or (`full_keys`) only the kept ones.
+reading every position or (`full_keys`) only the kept ones (and the `full_recent` last ones).
 """
 
 import math
@@ -90,6 +90,26 @@ def _carry_last_kept(kept_BxN, update_BxNxD, initial_BxD=None):
     return carried_BxNxD if initial_BxD is None else carried_BxNxD + decay_BxNx1 * initial_BxD[:, None]
 
 
+def reads_kept_keys(cfg: GateConfig) -> bool:
+    """Whether the full layers read only the kept positions, through gate values."""
+    return cfg.full_keys == "kept"
+
+
+def _hard_key_gates(cfg: GateConfig, gates_BxN, kept_BxN, dtype, recent: int = 0) -> KeyGates:
+    """KeyGates of the kept positions' offsets, -inf where hard deletion dropped a key."""
+    return KeyGates(jnp.where(kept_BxN, key_offsets(gates_BxN, cfg), -jnp.inf).astype(dtype), cfg.logit_cap, recent)
+
+
+def _full_layer_gates(cfg: GateConfig, gates_BxN, kept_BxN, dtype) -> tuple:
+    """The full layers' extra attention argument: none when they read every key, else KeyGates
+    (hard when kept_BxN, the positions hard deletion kept, is given)."""
+    if not reads_kept_keys(cfg):
+        return ()
+    if kept_BxN is None:
+        return (KeyGates(key_offsets(gates_BxN, cfg).astype(dtype), cfg.logit_cap, cfg.full_recent),)
+    return (_hard_key_gates(cfg, gates_BxN, kept_BxN, dtype, cfg.full_recent),)
+
+
 def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segments_BxN, window: int,
               deletion: str, remat: str = "none", scan: bool = False, training: bool = False):
     """The stack with a delete gate after layer gate.cfg.layer (and its last gate.cfg.full_layers
@@ -107,14 +127,10 @@ def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segm
     deleting = _soft_deletion if deletion == "soft" else _hard_deletion
     update_BxNxD, stats = deleting(blocks[middle], cfg, h_BxNxD, gates_BxN, valid_BxN, positions_BxN,
                                    segments_BxN, window, remat, scan)
-    full_args = ()
-    if cfg.full_keys == "kept":
-        offsets_BxN = key_offsets(gates_BxN, cfg)
-        if deletion == "hard":  # what hard deletion dropped (overflow included) is gone, as in extend_gated
-            offsets_BxN = jnp.where(stats["kept"] > 0, offsets_BxN, -jnp.inf)
-        full_args = (KeyGates(offsets_BxN.astype(h_BxNxD.dtype), cfg.logit_cap),)
+    # What hard deletion dropped (overflow included) is gone, as in extend_gated.
+    kept_BxN = stats["kept"] > 0 if deletion == "hard" else None
     out_BxNxD = run_blocks(blocks[middle.stop:], h_BxNxD + update_BxNxD, positions_BxN, segments_BxN, window,
-                           *full_args, remat=remat, scan=scan)
+                           *_full_layer_gates(cfg, gates_BxN, kept_BxN, h_BxNxD.dtype), remat=remat, scan=scan)
     return out_BxNxD, stats
 
 
@@ -168,7 +184,7 @@ def empty_gated_caches(caches: list[dict], cfg: GateConfig, dim: int) -> list[di
     gate values, and the first of them each position's carried update."""
     caches = [dict(c) for c in caches]
     b, length = caches[0]["k"].shape[:2]
-    reading_gates = caches[cfg.layer:] if cfg.full_keys == "kept" else caches[gated_layers(cfg, len(caches))]
+    reading_gates = caches[cfg.layer:] if reads_kept_keys(cfg) else caches[gated_layers(cfg, len(caches))]
     for cache in reading_gates:
         cache["gate"] = jnp.zeros((b, length), jnp.float32)
     caches[cfg.layer]["update"] = jnp.zeros((b, length, dim), caches[0]["k"].dtype)
@@ -186,7 +202,7 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
         x_BxSxD, caches[i] = blocks[i].extend(x_BxSxD, positions_BxS, caches[i], window)
     gates_BxS = gate(x_BxSxD, tokens_BxS, positions_BxS == 0, jnp.ones_like(positions_BxS, bool))
     kept_BxS = passes(gates_BxS, cfg.k)
-    key_gates = KeyGates(jnp.where(kept_BxS, key_offsets(gates_BxS, cfg), -jnp.inf), cfg.logit_cap)
+    key_gates = _hard_key_gates(cfg, gates_BxS, kept_BxS, jnp.float32)
     middle = gated_layers(cfg, len(blocks))
     deep_BxSxD = x_BxSxD
     for i in range(middle.start, middle.stop):
@@ -198,9 +214,9 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
     update_BxSxD = _carry_last_kept(kept_BxS, deep_BxSxD - x_BxSxD, initial_BxD)
     caches[cfg.layer] = {**store, "update": write_at(store["update"], update_BxSxD, positions_BxS)}
     out_BxSxD = x_BxSxD + update_BxSxD
+    full_gates = _full_layer_gates(cfg, gates_BxS, kept_BxS, jnp.float32)
     for i in range(middle.stop, len(blocks)):
-        out_BxSxD, caches[i] = blocks[i].extend(out_BxSxD, positions_BxS, caches[i], window,
-                                                *((key_gates,) if cfg.full_keys == "kept" else ()))
+        out_BxSxD, caches[i] = blocks[i].extend(out_BxSxD, positions_BxS, caches[i], window, *full_gates)
     return out_BxSxD, caches
 
 
