@@ -119,6 +119,17 @@ def test_finished_summarises_the_plans_finished_runs_and_trains_nothing(tmp_path
     assert [(r["seed"], r["name"]) for r in rows] == [(0, "no gate"), (0, "learned 0.5"), (0, "random 0.5")]
     learned = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| learned 0.5 |" in line)
     assert "+5.00%" in learned and "-0.1000" in learned
+    # A smaller plan into the same output keeps the other finished runs in the output's tables,
+    # after its own; what it prints is its own plan.
+    capsys.readouterr()
+    subset = [str(MICRO), "--output", str(tmp_path), "--targets", "", "--random", "0.5", "--seeds", "0", "--no-soft",
+              "--finished"]
+    assert gate_sweep.main(subset) == 0
+    printed = capsys.readouterr().out
+    assert "| random 0.5 |" in printed and "| learned 0.5 |" not in printed
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["no gate", "random 0.5", "learned 0.5"]
+    assert "-0.1000" in (tmp_path / "summary.md").read_text()
 
 
 def test_a_corpus_needs_a_name_and_patterns():

@@ -1,8 +1,10 @@
 """Bits per byte against deletion rate, over corpora and seeds: train a gated config without a
 gate, at each target and with random deletion, for every corpus and seed; score each on the
 held-out documents with hard (and soft) deletion. Writes results.json, sweep.md (every run) and
-summary.md (mean and spread over seeds, per corpus) in the output directory. A run whose
-result.json exists is not repeated, so an interrupted sweep continues where it stopped.
+summary.md (mean and spread over seeds, per corpus) in the output directory: the plan's runs,
+then every other finished run found there (an earlier or larger sweep's), so a smaller sweep into
+the same output never drops a run from its tables. A run whose result.json exists is not
+repeated, so an interrupted sweep continues where it stopped.
 
     python tools/gate_sweep.py CONFIG --output DIR [--targets 0.3,0.5] [--random 0.5]
         [--seeds 0,1,2] [--corpus NAME=PATTERN[,PATTERN...] ...]
@@ -220,6 +222,14 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
     return result
 
 
+def with_other_finished_runs(output: Path, results: list[dict], planned: list[tuple]) -> list[dict]:
+    """`results`, then every finished run under `output` that the plan does not name."""
+    planned_dirs = {Path(run[3].run_dir).resolve() for run in planned}
+    others = [json.loads(p.read_text()) for p in sorted(output.glob("**/result.json"))
+              if p.parent.resolve() not in planned_dirs]
+    return results + others
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -248,9 +258,10 @@ def main(argv=None) -> int:
         for corpus, seed, name, config in planned:  # every config loads (and fails) before any training
             results.append(_run(config, corpus, seed, name, args.soft))
             output.mkdir(parents=True, exist_ok=True)
-            (output / "results.json").write_text(json.dumps(results, indent=2))
-            (output / "sweep.md").write_text(markdown(results))
-            (output / "summary.md").write_text(summary_markdown(summarize(results)))
+            everything = with_other_finished_runs(output, results, planned)
+            (output / "results.json").write_text(json.dumps(everything, indent=2))
+            (output / "sweep.md").write_text(markdown(everything))
+            (output / "summary.md").write_text(summary_markdown(summarize(everything)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
