@@ -26,7 +26,7 @@ GATED = {"model.gate.layer": 1, "model.gate.bias": 0.0, "model.gate.target": 0.0
 LAST_LAYER_FULL = {**GATED, "model.backbone_layers": 3, "model.gate.full_layers": 1}
 BYTE_MODELS = {"plain": {}, "gated": GATED, "gated, last layer full": LAST_LAYER_FULL,
                "gated, straight-through keys": {**LAST_LAYER_FULL, "model.gate.straight_through": True},
-               "gated, last layer on kept keys": {**LAST_LAYER_FULL, "model.gate.full_keys": "kept"},
+               # (full_recent 0 differs only in reading no recent key whatever its gate)
                "gated, last layer on kept and recent keys": {**LAST_LAYER_FULL, "model.gate.full_keys": "kept",
                                                              "model.gate.full_recent": 5}}
 
