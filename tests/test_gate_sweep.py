@@ -166,6 +166,19 @@ def test_the_cost_split_classes_each_target_byte_and_adds_up_to_the_whole_differ
     assert spaces_kept["bpb_gated"] == pytest.approx(gated[where].mean())
 
 
+def test_the_differences_standard_error_is_the_blocks_spread_over_their_count():
+    from tools import gate_cost
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 8, 256 * 400)
+    assert gate_cost.difference_standard_error(base + 0.3, base) == pytest.approx(0.0, abs=1e-12)
+    # Independent bytes: sd / sqrt(n). Bytes that differ block by block: the blocks' sd / sqrt(blocks).
+    noise = rng.normal(0, 2.0, base.shape)
+    assert gate_cost.difference_standard_error(base + noise, base) == pytest.approx(2.0 / np.sqrt(len(base)), rel=0.1)
+    shifts = np.repeat(rng.normal(0, 1.0, 400), 256)
+    assert gate_cost.difference_standard_error(base + shifts, base) == pytest.approx(1.0 / np.sqrt(400), rel=0.1)
+
+
 def test_a_byte_is_repeated_when_it_and_its_context_occurred_earlier_in_the_window():
     from tools import gate_cost
 

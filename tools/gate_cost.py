@@ -5,7 +5,10 @@ what the predicted byte is (whitespace, a word's first byte, a later byte of a w
 by whether copying could predict it (the byte and the bytes before it occurred earlier in the
 attention window: what an induction head finds). It also gives the gate values G of the kept
 positions: the gated layers add G to those keys' logits (unless model.gate.straight_through), so a
-kept position near k / 2 is computed but hardly seen.
+kept position near k / 2 is computed but hardly seen. The difference's standard error over the
+held-out bytes (a bootstrap over blocks of consecutive bytes) says how much of it the sample alone
+could make; either run may be any model scoring the same bytes (a learned gate against random
+deletion, say).
 
     python tools/gate_cost.py GATED_RUN BASE_RUN [--output FILE.json]
 """
@@ -113,9 +116,18 @@ def split_cost(gated_bits, base_bits, deleted, classes, names=CLASSES) -> list[d
     return rows
 
 
+def difference_standard_error(gated_bits, base_bits, block: int = 256, draws: int = 2000) -> float:
+    """Standard error, in bits per byte, of the mean difference over the scored bytes: a bootstrap
+    over blocks of `block` consecutive bytes, since neighbouring bytes' differences correlate."""
+    diff = (gated_bits - base_bits)[: len(gated_bits) // block * block].reshape(-1, block).mean(axis=1)
+    picks = np.random.default_rng(0).integers(0, len(diff), (draws, len(diff)))
+    return float(diff[picks].mean(axis=1).std())
+
+
 def markdown(rows: list[dict], gated_bits, base_bits, heading: str = "predicted byte") -> str:
     lines = [f"bpb without gate {base_bits.mean():.4f}, gated {gated_bits.mean():.4f} "
-             f"({gated_bits.mean() / base_bits.mean() - 1:+.2%}) on {len(base_bits):,} bytes", "",
+             f"({gated_bits.mean() / base_bits.mean() - 1:+.2%}; difference's standard error over these bytes "
+             f"{difference_standard_error(gated_bits, base_bits):.4f}) on {len(base_bits):,} bytes", "",
              f"| {heading} | predicting position | share of bytes | bpb without gate | bpb gated | "
              "extra bits per byte (of all bytes) | share of the cost |", "|---" * 7 + "|"]
     for r in rows:
