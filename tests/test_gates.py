@@ -171,6 +171,7 @@ def test_bad_gate_settings_are_rejected():
                                ({"model.gate.mode": "fixed"}, "learned or random"),
                                ({"model.gate.full_keys": "deleted"}, "all or kept"),
                                ({"model.gate.full_recent": 4}, "full_recent=4: needs model.gate.full_keys=kept"),
+                               ({"model.gate.full_keys": "kept", "model.gate.full_recent": -1}, "full_recent=-1"),
                                ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001"),
                                ({"model.gate.target_warmup": -5}, "target_warmup=-5"),
                                ({"model.gate.noise": -1.0}, "noise=-1.0")]:
