@@ -124,10 +124,10 @@ def difference_standard_error(gated_bits, base_bits, block: int = 256, draws: in
     return float(diff[picks].mean(axis=1).std())
 
 
-def markdown(rows: list[dict], gated_bits, base_bits, heading: str = "predicted byte") -> str:
+def markdown(rows: list[dict], gated_bits, base_bits, error: float, heading: str = "predicted byte") -> str:
     lines = [f"bpb without gate {base_bits.mean():.4f}, gated {gated_bits.mean():.4f} "
              f"({gated_bits.mean() / base_bits.mean() - 1:+.2%}; difference's standard error over these bytes "
-             f"{difference_standard_error(gated_bits, base_bits):.4f}) on {len(base_bits):,} bytes", "",
+             f"{error:.4f}) on {len(base_bits):,} bytes", "",
              f"| {heading} | predicting position | share of bytes | bpb without gate | bpb gated | "
              "extra bits per byte (of all bytes) | share of the cost |", "|---" * 7 + "|"]
     for r in rows:
@@ -159,8 +159,9 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"by_byte": rows, "by_repetition": repeat_rows, "kept_gate_values": kept}, f, indent=2)
-    print(markdown(rows, gated_bits, base_bits))
-    print(markdown(repeat_rows, gated_bits, base_bits, f"predicted byte (repeated: with its {REPEAT_CONTEXT} "
+    error = difference_standard_error(gated_bits, base_bits)
+    print(markdown(rows, gated_bits, base_bits, error))
+    print(markdown(repeat_rows, gated_bits, base_bits, error, f"predicted byte (repeated: with its {REPEAT_CONTEXT} "
                                                         "bytes before, earlier in the window)"))
     print("kept positions' gate values G, 5/25/50/75/95% quantiles: "
           + " / ".join(f"{q:.1f}" for q in kept["quantiles"])
