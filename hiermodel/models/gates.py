@@ -95,9 +95,12 @@ def reads_kept_keys(cfg: GateConfig) -> bool:
     return cfg.full_keys == "kept"
 
 
-def _hard_key_gates(cfg: GateConfig, gates_BxN, kept_BxN, dtype, recent: int = 0) -> KeyGates:
-    """KeyGates of the kept positions' offsets, -inf where hard deletion dropped a key."""
-    return KeyGates(jnp.where(kept_BxN, key_offsets(gates_BxN, cfg), -jnp.inf).astype(dtype), cfg.logit_cap, recent)
+def _key_gates(cfg: GateConfig, gates_BxN, kept_BxN, dtype, recent: int = 0) -> KeyGates:
+    """KeyGates of the gates' offsets, -inf where hard deletion dropped a key (when kept_BxN is given)."""
+    offsets_BxN = key_offsets(gates_BxN, cfg)
+    if kept_BxN is not None:
+        offsets_BxN = jnp.where(kept_BxN, offsets_BxN, -jnp.inf)
+    return KeyGates(offsets_BxN.astype(dtype), cfg.logit_cap, recent)
 
 
 def _full_layer_gates(cfg: GateConfig, gates_BxN, kept_BxN, dtype) -> tuple:
@@ -105,9 +108,7 @@ def _full_layer_gates(cfg: GateConfig, gates_BxN, kept_BxN, dtype) -> tuple:
     (hard when kept_BxN, the positions hard deletion kept, is given)."""
     if not reads_kept_keys(cfg):
         return ()
-    if kept_BxN is None:
-        return (KeyGates(key_offsets(gates_BxN, cfg).astype(dtype), cfg.logit_cap, cfg.full_recent),)
-    return (_hard_key_gates(cfg, gates_BxN, kept_BxN, dtype, cfg.full_recent),)
+    return (_key_gates(cfg, gates_BxN, kept_BxN, dtype, cfg.full_recent),)
 
 
 def run_gated(blocks, gate: DeleteGate, x_BxNxD, tokens_BxN, positions_BxN, segments_BxN, window: int,
@@ -139,8 +140,7 @@ def _soft_deletion(middle, cfg: GateConfig, h_BxNxD, gates_BxN, valid_BxN, posit
     """Every position through the gated layers, deleted keys masked by their gate values; returns
     each position's carried deep update and the statistics."""
     deep_BxNxD = run_blocks(middle, h_BxNxD, positions_BxN, segments_BxN, window,
-                            KeyGates(key_offsets(gates_BxN, cfg).astype(h_BxNxD.dtype), cfg.logit_cap), remat=remat,
-                            scan=scan)
+                            _key_gates(cfg, gates_BxN, None, h_BxNxD.dtype), remat=remat, scan=scan)
     kept_BxN = 1.0 - gates_BxN / cfg.k
     # The carry is hard in the forward pass, as at inference, with the soft weight's gradient
     # (straight through): a half-open gate must not pass half a deep update that hard
@@ -202,7 +202,7 @@ def extend_gated(blocks, gate: DeleteGate, x_BxSxD, tokens_BxS, positions_BxS, c
         x_BxSxD, caches[i] = blocks[i].extend(x_BxSxD, positions_BxS, caches[i], window)
     gates_BxS = gate(x_BxSxD, tokens_BxS, positions_BxS == 0, jnp.ones_like(positions_BxS, bool))
     kept_BxS = passes(gates_BxS, cfg.k)
-    key_gates = _hard_key_gates(cfg, gates_BxS, kept_BxS, jnp.float32)
+    key_gates = _key_gates(cfg, gates_BxS, kept_BxS, jnp.float32)
     middle = gated_layers(cfg, len(blocks))
     deep_BxSxD = x_BxSxD
     for i in range(middle.start, middle.stop):

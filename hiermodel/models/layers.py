@@ -29,11 +29,12 @@ class KeyGates:
     cap: float = dataclasses.field(metadata={"static": True})
     recent: int = dataclasses.field(default=0, metadata={"static": True})
 
-    def offsets(self, delta_BxSxL):
-        """Logit offsets [B, 1, 1, S, L] for queries S at the key distances delta_BxSxL."""
-        values_Bx1xL = self.values_BxT[:, None, :]
+    def apply(self, logits, delta_BxSxL, values_BxL=None):
+        """The capped logits [B, K, G, S, L] plus the keys' gate values, for queries S at the key
+        distances delta_BxSxL; values_BxL stands in for values_BxT (a decoding cache's keys)."""
+        values_Bx1xL = (self.values_BxT if values_BxL is None else values_BxL)[:, None, :]
         offsets_BxSxL = jnp.where(delta_BxSxL < self.recent, 0.0, values_Bx1xL) if self.recent else values_Bx1xL
-        return offsets_BxSxL[:, None, None]
+        return self.cap * jnp.tanh(logits.astype(jnp.float32) / self.cap) + offsets_BxSxL[:, None, None]
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, fan_in: int | None = None) -> nnx.Param:
@@ -150,7 +151,7 @@ def gated_attention(q_BxTxKxGxDh, k_BxTxKxDh, v_BxTxKxDh, positions_BxT, segment
     """
     logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxTxKxDh) * q_BxTxKxGxDh.shape[-1] ** -0.5
     delta_BxTxT = positions_BxT[:, :, None] - positions_BxT[:, None, :]
-    logits = gates.cap * jnp.tanh(logits.astype(jnp.float32) / gates.cap) + gates.offsets(delta_BxTxT)
+    logits = gates.apply(logits, delta_BxTxT)
     mask_BxTxT = (delta_BxTxT >= 0) & (segments_BxT[:, :, None] == segments_BxT[:, None, :])
     if window:
         mask_BxTxT &= delta_BxTxT < window
@@ -300,8 +301,7 @@ class Attention(nnx.Module):
         q_BxSxKxGxDh = q_BxSxHxDh.reshape(b, s, keys.shape[2], -1, dh)
         logits = jnp.einsum("btkgd,bskd->bkgts", q_BxSxKxGxDh, keys.astype(q_BxSxHxDh.dtype)) * dh ** -0.5
         if gates is not None:
-            cached = dataclasses.replace(gates, values_BxT=gate_values)
-            logits = gates.cap * jnp.tanh(logits.astype(jnp.float32) / gates.cap) + cached.offsets(delta_BxSxL)
+            logits = gates.apply(logits, delta_BxSxL, gate_values)
         out = _softmax_attend(logits, allowed_BxSxL[:, None, None], values.astype(q_BxSxHxDh.dtype),
                               "bkgts,bskd->btkgd", extra_zero=gates is not None)
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, s, h, dh), self.wo[...]), cache
