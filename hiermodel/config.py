@@ -246,9 +246,11 @@ def _apply(obj, values: dict, where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
 
 
-def from_dict(values: dict, where: str = "config") -> Config:
+def from_dict(values: dict, where: str = "config", changes: dict | None = None) -> Config:
+    """A config of nested mappings (a saved one), with `changes` (nested too) put over it."""
     config = Config()
     _apply(config, values, where)
+    _apply(config, changes or {}, f"{where} changes")
     return config
 
 

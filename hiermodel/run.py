@@ -53,11 +53,12 @@ def open_latest(run_dir: str) -> tuple[Checkpointer, int, dict]:
     return Checkpointer(run_dir, read_only=True), *latest
 
 
-def load_params(run_dir: str):
+def load_params(run_dir: str, changes: dict | None = None):
     """(config, mesh, graphdef, params) of a run's latest checkpoint, on all local devices; the
-    config's run_dir is where the run is now."""
+    config's run_dir is where the run is now. changes: config values put over the saved ones
+    before the model is built (a random gate's rate, say); the parameters must still fit."""
     checkpointer, step, saved = open_latest(run_dir)
-    config = config_lib.from_dict(saved, f"{run_dir} checkpoint {step} config")
+    config = config_lib.from_dict(saved, f"{run_dir} checkpoint {step} config", changes)
     config.run_dir = run_dir
     check_kind(config.model)
     mesh = make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1))

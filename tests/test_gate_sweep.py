@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hiermodel.train.checkpoint import checkpoint_dir
-from tests.conftest import MICRO, REPO, xla_flags
+from tests.conftest import MICRO, REPO, micro_config, xla_flags
 from tests.test_cli import wait_for
 from tools import fetch_corpora, gate_sweep
 
@@ -112,13 +112,15 @@ def test_finished_summarises_the_plans_finished_runs_and_trains_nothing(tmp_path
     for name, bpb in (("no gate", 2.0), ("learned 0.5", 2.1), ("random 0.5", 2.2)):
         run = tmp_path / "seed0" / name.replace(" ", "_")
         run.mkdir(parents=True)
-        (run / "result.json").write_text(json.dumps({**_result("config", 0, name, bpb, 0.5), "layer": 1}))
+        # The random twin was already scored at the learned rate: nothing is scored again.
+        at_rate = {"random_at_rate": {"bpb": 2.15}} if name.startswith("learned") else {}
+        (run / "result.json").write_text(json.dumps({**_result("config", 0, name, bpb, 0.5), "layer": 1, **at_rate}))
     assert gate_sweep.main(args) == 0
     assert not (tmp_path / "seed1").exists()
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["seed"], r["name"]) for r in rows] == [(0, "no gate"), (0, "learned 0.5"), (0, "random 0.5")]
     learned = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if "| learned 0.5 |" in line)
-    assert "+5.00%" in learned and "-0.1000" in learned
+    assert "| +5.00% | -0.1000 | -0.0500 | not met |" in learned
     # A smaller plan into the same output keeps the other finished runs in the output's tables,
     # after its own; what it prints is its own plan.
     capsys.readouterr()
@@ -223,3 +225,31 @@ def test_kept_gate_values_count_the_kept_positions_the_gated_layers_hardly_see()
     kept = gate_cost.kept_gate_values(gate_values, deleted, -30.0)
     assert kept["hidden"] == pytest.approx(0.75)  # three of four kept below k/4 = -7.5
     assert kept["quantiles"][2] == pytest.approx(-11.5)  # the median of -0.5, -9, -14, -14.9
+
+
+def test_the_random_twin_is_scored_again_at_the_learned_gates_held_out_rate(tmp_path, monkeypatch):
+    import json
+
+    import jax
+
+    from hiermodel.train.loop import train
+
+    random_dir = tmp_path / "random"
+    train(micro_config(run_dir=random_dir, **{"model.kind": "byte", "model.byte_window": 64, "mesh.data": 1,
+                                              "model.gate.layer": 1, "model.gate.mode": "random",
+                                              "model.gate.target": 0.5, "data.eval": "[builtin:eval]",
+                                              "train.steps": 2}), devices=jax.devices()[:1])
+    as_trained = gate_sweep._score(random_dir, "hard")
+    learned = {**_result("config", 0, "learned 0.5", 2.0, 0.2), "layer": 1, "run_dir": str(tmp_path / "learned")}
+    random = {**_result("config", 0, "random 0.5", 2.1, as_trained["deletion_rate"]), "layer": 1, "mode": "random",
+              "run_dir": str(random_dir)}
+    (tmp_path / "learned").mkdir()
+    gate_sweep.score_random_at_learned_rates([learned], [learned, random])
+    at_rate = json.loads((tmp_path / "learned" / "result.json").read_text())["random_at_rate"]
+    assert abs(as_trained["deletion_rate"] - 0.5) < 0.03 and abs(at_rate["deletion_rate"] - 0.2) < 0.03
+    assert at_rate["bytes"] == as_trained["bytes"] and at_rate["bpb"] != as_trained["bpb"]
+    assert "random_at_rate" not in random
+    row = {r["name"]: r for r in gate_sweep.summarize([learned, random])}["learned 0.5"]
+    assert row["vs_random_at_rate"] == pytest.approx([2.0 - at_rate["bpb"]])
+    monkeypatch.setattr(gate_sweep, "_score", lambda *a, **k: pytest.fail("scored twice"))
+    gate_sweep.score_random_at_learned_rates([learned], [learned, random])

@@ -1,6 +1,7 @@
 """Bits per byte against deletion rate, over corpora and seeds: train a gated config without a
 gate, at each target and with random deletion, for every corpus and seed; score each on the
-held-out documents with hard (and soft) deletion. Writes results.json, sweep.md (every run) and
+held-out documents with hard (and soft) deletion, and each learned gate's random twin again at
+the rate the learned gate deleted held out. Writes results.json, sweep.md (every run) and
 summary.md (mean and spread over seeds, per corpus) in the output directory: the plan's runs,
 then every other finished run found there (an earlier or larger sweep's), so a smaller sweep into
 the same output never drops a run from its tables. A run whose result.json exists is not
@@ -72,14 +73,15 @@ def plan(config_path: str, overrides: list[str], variants: list[tuple[str, list[
     return planned
 
 
-def _score(config, deletion: str) -> dict:
+def _score(run_dir, deletion: str, changes: dict | None = None) -> dict:
+    """A run's held-out bits per byte and deletion; changes: config values put over the run's."""
     import jax
 
     from hiermodel.data.sources import open_split
     from hiermodel.eval.score import make_score_fn, score_source
     from hiermodel.run import encoding, load_params
 
-    config, mesh, graphdef, params = load_params(config.run_dir)
+    config, mesh, graphdef, params = load_params(str(run_dir), changes)
     with jax.set_mesh(mesh):
         score_fn = make_score_fn(graphdef, config.model.compute_dtype, mesh,
                                  jax.tree.map(lambda p: p.sharding, params), deletion)
@@ -140,6 +142,22 @@ def _random_twin(results: list[dict], run: dict) -> dict | None:
                  == "random" and shape(r) == shape(run)), None)
 
 
+def score_random_at_learned_rates(runs: list[dict], results: list[dict]) -> None:
+    """Scores each learned run's random twin (found among results) again at the rate the learned
+    gate deleted held out (the learned rate follows the text, the random one its target), kept in
+    the learned run's result.json as random_at_rate: the two then differ in which positions they
+    delete, not in how many."""
+    for run in runs:
+        twin = _random_twin(results, run) if run["name"].startswith("learned") else None
+        if twin is None or "random_at_rate" in run or "deletion_rate" not in run["hard"]:
+            continue
+        rate = run["hard"]["deletion_rate"]
+        print(f"== {run['corpus']}, seed {run['seed']}, {twin['name']}: scoring at {rate:.1%}, the learned "
+              "gate's held-out rate", file=sys.stderr, flush=True)
+        run["random_at_rate"] = _score(twin["run_dir"], "hard", {"model": {"gate": {"target": rate}}})
+        (Path(run["run_dir"]) / "result.json").write_text(json.dumps(run, indent=2))
+
+
 def computed_share(run: dict) -> float | None:
     """Layer-positions the gated model computes at inference (hard deletion), as a share of the
     ungated model's: the layers before the gate and the full layers on every position, the gated
@@ -172,16 +190,19 @@ def summarize(results: list[dict]) -> list[dict]:
                 random = [_random_twin(results, r) for r in runs]
                 if all(random):
                     row["vs_random"] = [r["hard"]["bpb"] - q["hard"]["bpb"] for r, q in zip(runs, random)]
+                if all("random_at_rate" in r for r in runs):
+                    row["vs_random_at_rate"] = [r["hard"]["bpb"] - r["random_at_rate"]["bpb"] for r in runs]
             rows.append(row)
     return rows
 
 
 def summary_markdown(rows: list[dict]) -> str:
     lines = ["| corpus | run | seeds | bpb (hard) | deleted, held out | layer-positions computed | Δbpb vs no gate | "
-             "learned − random (bpb) | MrT5's bar |", "|---" * 9 + "|"]
+             "learned − random (bpb) | learned − random at the learned rate (bpb) | MrT5's bar |", "|---" * 10 + "|"]
     for row in rows:
         cost = _spread([100 * c for c in row["cost"]], "+.2f") + "%" if "cost" in row else "-"
         vs_random = _spread(row["vs_random"], "+.4f") if "vs_random" in row else "-"
+        at_rate = _spread(row["vs_random_at_rate"], "+.4f") if "vs_random_at_rate" in row else "-"
         computed = f"{statistics.fmean(row['computed']):.1%}" if None not in row["computed"] else "-"
         bar = "-"
         if "cost" in row and row["name"].startswith("learned"):
@@ -189,7 +210,7 @@ def summary_markdown(rows: list[dict]) -> str:
             bar = "met" if met else "not met"
         lines.append(f"| {row['corpus']} | {row['name']} | {len(row['seeds'])} | {_spread(row['bpb'], '.4f')} | "
                      f"{_spread([100 * d for d in row['deleted']], '.1f')}% | {computed} | {cost} | {vs_random} | "
-                     f"{bar} |")
+                     f"{at_rate} | {bar} |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,21 +223,22 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
 
     done = Path(config.run_dir) / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "run_dir": config.run_dir}
     print(f"== {corpus}, seed {seed}, {name}: training {config.run_dir}", file=sys.stderr, flush=True)
     logged = train(config)
     if "stopped_by" in logged:
         raise SweepStopped(f"{logged['stopped_by']} stopped {config.run_dir} before train.steps (checkpointed); "
                            "rerun the same command to resume")
     gate = config.model.gate
-    result = {"corpus": corpus, "seed": seed, "name": name, "target": gate.target if gate.layer else 0.0,
+    result = {"corpus": corpus, "seed": seed, "name": name, "run_dir": config.run_dir,
+              "target": gate.target if gate.layer else 0.0,
               "layer": gate.layer, "full_layers": gate.full_layers, "full_keys": gate.full_keys,
               "full_recent": gate.full_recent,
               "mode": gate.mode if gate.layer else "none",
               "layers": config.model.backbone_layers,
-              "train": logged, "hard": _score(config, "hard"), "training_rate": training_rate(config.run_dir)}
+              "train": logged, "hard": _score(config.run_dir, "hard"), "training_rate": training_rate(config.run_dir)}
     if soft:
-        result["soft"] = _score(config, "soft")
+        result["soft"] = _score(config.run_dir, "soft")
     done.write_text(json.dumps(result, indent=2))
     print(f"== {corpus}, seed {seed}, {name}: bpb {result['hard']['bpb']:.4f}", file=sys.stderr, flush=True)
     return result
@@ -225,7 +247,7 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
 def with_other_finished_runs(output: Path, results: list[dict], planned: list[tuple]) -> list[dict]:
     """`results`, then every finished run under `output` that the plan does not name."""
     planned_dirs = {Path(run[3].run_dir).resolve() for run in planned}
-    others = [json.loads(p.read_text()) for p in sorted(output.glob("**/result.json"))
+    others = [{**json.loads(p.read_text()), "run_dir": str(p.parent)} for p in sorted(output.glob("**/result.json"))
               if p.parent.resolve() not in planned_dirs]
     return results + others
 
@@ -259,6 +281,7 @@ def main(argv=None) -> int:
             results.append(_run(config, corpus, seed, name, args.soft))
             output.mkdir(parents=True, exist_ok=True)
             everything = with_other_finished_runs(output, results, planned)
+            score_random_at_learned_rates(results, everything)
             (output / "results.json").write_text(json.dumps(everything, indent=2))
             (output / "sweep.md").write_text(markdown(everything))
             (output / "summary.md").write_text(summary_markdown(summarize(everything)))
