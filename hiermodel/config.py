@@ -144,6 +144,9 @@ class DataConfig:
     row_tokens: int = 1024  # positions per row: bytes, or subword tokens
     row_words: int = 256
     shuffle: bool = True
+    # With shuffle: packed rows are shuffled in windows of this many per data shard, so a batch
+    # mixes stretches of several units instead of consecutive rows of one; 0: packing order.
+    shuffle_rows: int = 1024
     shards: int = 0  # independent packing streams, split over processes; 0: one per process
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -91,7 +92,8 @@ def test_bad_sources_get_clear_errors(tmp_path):
 
 def test_packed_rows_rebuild_every_document_with_whole_words():
     source = DocumentSource(["builtin:eval"])
-    iterator = iter(train_dataset(SMALL, source, BYTES, seed=0, local_batch=4))
+    in_packing_order = dataclasses.replace(SMALL, shuffle_rows=0)
+    iterator = iter(train_dataset(in_packing_order, source, BYTES, seed=0, local_batch=4))
     # Pieces of one document are consecutive: concatenating them restores it, word for word.
     stream_tokens, stream_words = [], []
     for _ in range(40):
@@ -192,7 +194,8 @@ def test_processes_read_disjoint_slices_that_cover_an_epoch(tmp_path):
     assert len(source) > 8
     seen = []
     for process in range(2):
-        iterator = iter(train_dataset(SMALL, source, BYTES, 0, 1, process_index=process, process_count=2))
+        in_packing_order = dataclasses.replace(SMALL, shuffle_rows=0)
+        iterator = iter(train_dataset(in_packing_order, source, BYTES, 0, 1, process_index=process, process_count=2))
         tokens = np.concatenate([next(iterator)["tokens"][0] for _ in range(12)])
         iterator.close()
         epoch = set()  # the documents up to the first repeat; a row may drop a last lone space

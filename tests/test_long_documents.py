@@ -1,5 +1,6 @@
 """Documents of any size: read in bounded units, packed and scored as if read whole, resumed exactly."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,9 +84,9 @@ def test_a_long_document_packs_and_scores_as_if_read_whole(tmp_path, kind):
     assert_same(list(scoring_batches(ROWS, whole, BYTES, 4)), list(scoring_batches(ROWS, cut, BYTES, 4)))
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_resuming_inside_a_long_document_gives_exactly_the_next_batch(long_text, shuffle):
-    config = DataConfig(**{**ROWS.__dict__, "shuffle": shuffle})
+@pytest.mark.parametrize("shuffle, shuffle_rows", [(False, 0), (True, 0), (True, 6)])
+def test_resuming_inside_a_long_document_gives_exactly_the_next_batch(long_text, shuffle, shuffle_rows):
+    config = dataclasses.replace(ROWS, shuffle=shuffle, shuffle_rows=shuffle_rows)
     source = DocumentSource([str(long_text)], read_bytes=2048)
     dataset = train_dataset(config, source, BYTES, seed=1, local_batch=2)
     iterator = iter(dataset)
@@ -101,6 +102,27 @@ def test_resuming_inside_a_long_document_gives_exactly_the_next_batch(long_text,
         resumed.set_state(states[at])
         assert_same([next(resumed) for _ in range(len(expected) - at)], expected[at:])
         resumed.close()
+
+
+def test_rows_are_shuffled_in_windows_that_mix_units(tmp_path):
+    path = tmp_path / "numbered.txt"  # every row differs
+    path.write_text("".join(f"line {i}: " + "word " * (i % 17) + "\n" for i in range(4000)))
+    source = DocumentSource([str(path)], read_bytes=2048)
+    window = 32
+
+    def records(shuffle_rows):  # a row's every array, so a row whose arrays got mixed up differs
+        batches = rows(source, dataclasses.replace(ROWS, shuffle=True, shuffle_rows=shuffle_rows), window)
+        return [b"|".join(b[k][i].tobytes() for k in sorted(b)) for b in batches for i in range(2)]
+
+    ordered, mixed = records(0), records(window)
+    assert len(set(ordered)) == len(ordered)
+    for start in (0, window):  # each window holds the rows packing made, in another order
+        assert sorted(mixed[start:start + window]) == sorted(ordered[start:start + window])
+        assert mixed[start:start + window] != ordered[start:start + window]
+    # In packing order a batch is two consecutive rows; shuffled, most batches are not.
+    position = {row: i for i, row in enumerate(ordered)}
+    gaps = [abs(position[a] - position[b]) for a, b in zip(mixed[0::2], mixed[1::2])]
+    assert sum(gap > 1 for gap in gaps) > len(gaps) // 2
 
 
 def test_jsonl_lines_of_any_length_are_read_once(tmp_path):

@@ -1,6 +1,7 @@
 """Every mistake a user can make ends in one line on stderr naming the problem, exit code 2, and
 leaves nothing behind: through the CLI, one row per mistake."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import jax
 import pytest
 
 from hiermodel import cli
-from hiermodel.train.loop import train
+from hiermodel.config import to_dict
+from hiermodel.errors import UserError
+from hiermodel.train.loop import _check_resume, train
 from tests.conftest import MICRO, REPO, micro_config
 
 
@@ -39,6 +42,10 @@ CASES = [
      "another data stream (train.batch_size=8 there, 16 here)"),
     ("resume on other data shards", TRAIN + ["run_dir={run}", "data.shards=2"],
      "another data stream (data.shards=1 there, 2 here)"),
+    ("resume with rows shuffled otherwise", TRAIN + ["run_dir={run}", "data.shuffle_rows=8"],
+     "another data stream (data.shuffle_rows=1024 there, 8 here)"),
+    ("row shuffle window negative", TRAIN + ["run_dir={new}", "data.shuffle_rows=-1"],
+     "data.shuffle_rows=-1 must be 0 or more"),
     ("init_from another model", TRAIN + ["run_dir={new}", "init_from={run}", "model.backbone_layers=3"],
      "its model config differs from this run's"),
     ("init_from no run", TRAIN + ["run_dir={new}", "init_from={new}-missing"], "no such run directory"),
@@ -98,3 +105,12 @@ def test_a_cpu_machine_hears_nothing_but_the_error_line(tmp_path):
     assert result.stderr.splitlines() == ["error: train.eval_every=0 must be at least 1 (a number of steps; set it "
                                           "above train.steps to do it only at the end)"]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_from_before_rows_were_shuffled_resumes_in_packing_order():
+    config = micro_config()
+    saved = to_dict(config)
+    del saved["data"]["shuffle_rows"]  # as checkpoints saved before the option existed
+    _check_resume(dataclasses.replace(config, data=dataclasses.replace(config.data, shuffle_rows=0)), 2, saved)
+    with pytest.raises(UserError, match=r"data.shuffle_rows=0 there, 1024 here"):
+        _check_resume(config, 2, saved)

@@ -121,9 +121,10 @@ def markdown(results: list[dict]) -> str:
         t = r.get("training_rate")
         trained = f"{t['mean']:.1%} ({t['min']:.1%}-{t['max']:.1%})" if t else "-"
         soft_bpb = f"{soft['bpb']:.4f}" if soft else "-"
+        speed = f"{hard['bytes_per_s']:,.0f}" if "bytes_per_s" in hard else "-"  # none from a single batch
         lines.append(f"| {r['corpus']} | {r['seed']} | {r['name']} | {hard['bpb']:.4f} | {soft_bpb} | {_rate(hard)} | "
                      f"{_rate(soft) if soft else '-'} | {trained} | {overflow} | {computed} | {per_language} | "
-                     f"{hard['bytes_per_s']:,.0f} |")
+                     f"{speed} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,8 @@ def check_shapes(config: DataConfig) -> None:
         raise UserError(f"data.row_tokens={config.row_tokens} must be at least 2 * (data.max_word_bytes + 1)")
     if config.row_words < 4:
         raise UserError(f"data.row_words={config.row_words} must be at least 4")
+    if config.shuffle_rows < 0:
+        raise UserError(f"data.shuffle_rows={config.shuffle_rows} must be 0 or more")
 
 
 @dataclasses.dataclass
@@ -235,9 +237,13 @@ def train_dataset(config: DataConfig, source: DocumentSource | list[DocumentSour
     def shard(index: int) -> grain.IterDataset:
         streams = [ds[index::shards].batch(g, batch_fn=list).repeat(None) for ds, g in zip(units, groups)]
         mixed = streams[0] if weights is None else grain.MapDataset.mix(streams, weights)
-        rows = mixed.to_iter_dataset(read)
-        return PackIterDataset(rows, config.row_tokens, config.row_words).batch(local_batch // len(mine),
-                                                                                 drop_remainder=True)
+        packed = PackIterDataset(mixed.to_iter_dataset(read), config.row_tokens, config.row_words)
+        if config.shuffle and config.shuffle_rows > 1:
+            # Seeded by the shard, not the process, so the global batch does not depend on how
+            # many processes read the shards.
+            packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=config.shuffle_rows,
+                                                                 seed=seed + index)
+        return packed.batch(local_batch // len(mine), drop_remainder=True)
 
     if len(mine) == 1:
         batches = shard(mine[0])

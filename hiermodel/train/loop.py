@@ -103,6 +103,7 @@ def _differences(there: dict, here: dict, prefix: str) -> list[str]:
 def _check_resume(config: Config, step: int, saved: dict) -> None:
     """A run resumes only as what it was: the same model, and the same data stream (its
     checkpoint holds a position in that stream)."""
+    saved = dict(saved, data={"shuffle_rows": 0, **saved.get("data", {})})  # saved before rows were shuffled
     saved = to_dict(from_dict(saved, f"{config.run_dir} checkpoint {step} config"))
     here = to_dict(config)
     saved["data"]["shards"] = saved["data"]["shards"] or here["data"]["shards"]  # saved before shards were resolved
