@@ -4,13 +4,14 @@ import jax
 import numpy as np
 import pytest
 
+from hiermodel.data.sources import open_split
 from hiermodel.train.loop import train
 from hiermodel.train.metrics import read_metrics
 from tests.conftest import micro_config
 from tools import plot_runs
 
 
-def test_continuing_on_a_new_language_reports_old_and_new(corpus, tmp_path):
+def test_continuing_on_a_new_language_reports_old_and_new(corpus, tmp_path, capsys):
     english, german = str(corpus / "en_alice_in_wonderland.txt"), str(corpus / "de_alice_im_wunderland.txt")
     data = {"data.chunk_bytes": 2048, "data.holdout": 0.05, "data.eval": f"{english},{german}",
             "train.eval_every": 3, "train.eval_rows": 0, "mesh.data": 1}
@@ -20,6 +21,8 @@ def test_continuing_on_a_new_language_reports_old_and_new(corpus, tmp_path):
         "data.train": f"{german},{english}", "data.train_weights": "0.9,0.1", "train.steps": 6,
         "train.freeze": "encoder", "train.warmup_steps": 2})
     train(continued, devices=jax.devices()[:1])
+    pieces, held = open_split(continued.data, "eval").split_size
+    assert pieces >= 2 and f"data.holdout=0.05: {held:,} bytes in {pieces} pieces held out" in capsys.readouterr().out
 
     evals = read_metrics(continued.run_dir, "eval")
     assert sorted(evals) == [3, 6] and all({"bpb_en", "bpb_de"} <= set(r) for r in evals.values())

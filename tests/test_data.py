@@ -43,6 +43,8 @@ def test_holdout_splits_every_file_of_the_corpus_without_overlap(corpus, fractio
     everything = DocumentSource([files], chunk_bytes=8192)
     train_docs, eval_docs, all_docs = (list(s.documents()) for s in (train, held_out, everything))
     assert not set(train_docs) & set(eval_docs) and set(train_docs) | set(eval_docs) == set(all_docs)
+    assert held_out.split_size == (len(eval_docs), sum(map(len, eval_docs)))  # what training reports
+    assert train.split_size == (len(train_docs), sum(map(len, train_docs)))
     # Even where the share is too small to pick a document of every file by hash alone.
     assert all(any(True for _ in held_out.pieces(f)) for f in range(len(held_out.paths)))
     assert {path.rsplit("/", 1)[1][:2] for path in held_out.paths} == {"en", "de", "fr", "es", "fi", "ja", "zh"}

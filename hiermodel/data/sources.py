@@ -254,6 +254,7 @@ class DocumentSource:
         self._starts = np.cumsum([0] + [f.units for f in self._files])
         self.split = split if holdout > 0 else "all"
         self._kept = None  # per file: which pieces of each unit are on this side of the holdout
+        self.split_size = (0, 0)  # with a holdout: (pieces, bytes) on this side, over every file
         if holdout > 0 and split != "all":
             self._kept = [self._choose(f, holdout, split) for f in range(len(self._files))]
         if not any(True for f in range(len(self.paths)) for _ in self.pieces(f)):
@@ -284,12 +285,15 @@ class DocumentSource:
     def _choose(self, file_number: int, fraction: float, split: str) -> tuple[list[set[int]], list[int]]:
         """Per unit of one file, the pieces on this side of the holdout; and each unit's piece count."""
         reader = self._files[file_number]
-        counts, hashes = [], []
+        counts, hashes, sizes = [], [], []
         for unit in range(reader.units):
             pieces = reader.read(unit)
             counts.append(len(pieces))
             hashes += [zlib.crc32(p.data) % 10000 for p in pieces]
+            sizes += [len(p.data) for p in pieces]
         keep = held_out_mask(np.array(hashes, np.int64), fraction) == (split == "eval")
+        pieces_here, bytes_here = self.split_size
+        self.split_size = (pieces_here + int(keep.sum()), bytes_here + int(np.array(sizes, np.int64)[keep].sum()))
         starts = np.cumsum([0] + counts)
         return [set(np.flatnonzero(keep[starts[u]:starts[u + 1]]).tolist()) for u in range(reader.units)], counts
 

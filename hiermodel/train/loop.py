@@ -166,6 +166,9 @@ def train(config: Config, devices=None) -> dict:
     data_iterator = iter(train_dataset(data, source, encoder.document, config.seed, local_batch,
                                        jax.process_index(), jax.process_count()))
     writer = MetricsWriter(run_dir, config.train.steps)
+    if eval_source is not None and eval_source.split == "eval":  # a few bytes held out score as noise: say how many
+        pieces, held = eval_source.split_size
+        writer.info(f"data.holdout={data.holdout}: {held:,} bytes in {pieces} pieces held out for evaluation")
     tx = optimizer(config.train, config.model.gate)
     lr_at = jax.jit(schedule(config.train))  # for the log: one program, not one per operation of the schedule
     peak, peak_source = mesh_peak_flops(config, mesh)
