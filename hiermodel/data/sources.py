@@ -256,7 +256,9 @@ class DocumentSource:
         self._kept = None  # per file: which pieces of each unit are on this side of the holdout
         self.split_size = (0, 0)  # with a holdout: (pieces, bytes) on this side, over every file
         if holdout > 0 and split != "all":
-            self._kept = [self._choose(f, holdout, split) for f in range(len(self._files))]
+            chosen = [self._choose(f, holdout, split) for f in range(len(self._files))]
+            self._kept = [(kept, counts) for kept, counts, _ in chosen]
+            self.split_size = (sum(size[0] for *_, size in chosen), sum(size[1] for *_, size in chosen))
         if not any(True for f in range(len(self.paths)) for _ in self.pieces(f)):
             raise UserError(f"{', '.join(specs)}: no documents" + (f" on the {split} side of the holdout"
                                                                    if self._kept else " (every file is empty)"))
@@ -282,8 +284,9 @@ class DocumentSource:
             return reader
         return _TextFile(path, separator, chunk_bytes, read_bytes)
 
-    def _choose(self, file_number: int, fraction: float, split: str) -> tuple[list[set[int]], list[int]]:
-        """Per unit of one file, the pieces on this side of the holdout; and each unit's piece count."""
+    def _choose(self, file_number: int, fraction: float, split: str) -> tuple[list[set[int]], list[int], tuple[int, int]]:
+        """Per unit of one file, the pieces on this side of the holdout; each unit's piece count; and
+        the (pieces, bytes) of the file on this side."""
         reader = self._files[file_number]
         counts, hashes, sizes = [], [], []
         for unit in range(reader.units):
@@ -292,10 +295,9 @@ class DocumentSource:
             hashes += [zlib.crc32(p.data) % 10000 for p in pieces]
             sizes += [len(p.data) for p in pieces]
         keep = held_out_mask(np.array(hashes, np.int64), fraction) == (split == "eval")
-        pieces_here, bytes_here = self.split_size
-        self.split_size = (pieces_here + int(keep.sum()), bytes_here + int(np.array(sizes, np.int64)[keep].sum()))
         starts = np.cumsum([0] + counts)
-        return [set(np.flatnonzero(keep[starts[u]:starts[u + 1]]).tolist()) for u in range(reader.units)], counts
+        kept = [set(np.flatnonzero(keep[starts[u]:starts[u + 1]]).tolist()) for u in range(reader.units)]
+        return kept, counts, (int(keep.sum()), int(np.array(sizes, np.int64)[keep].sum()))
 
     def __len__(self) -> int:
         return int(self._starts[-1])
