@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -50,6 +51,21 @@ def test_holdout_splits_every_file_of_the_corpus_without_overlap(corpus, fractio
     assert {path.rsplit("/", 1)[1][:2] for path in held_out.paths} == {"en", "de", "fr", "es", "fi", "ja", "zh"}
     assert len(eval_docs) / len(all_docs) < fraction + len(held_out.paths) / len(all_docs)
     assert len(eval_docs) / len(all_docs) > 0.5 * fraction
+
+
+def test_a_file_whose_hash_picks_nothing_holds_out_a_whole_piece_not_a_scrap(tmp_path):
+    # Units of `read_bytes` cut into `chunk_bytes` pieces end in scraps; with this text the
+    # file's lowest-hashed piece is one, 80 bytes.
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i} of file 1: " + "word " * (i % 13) + "\n" for i in range(400)))
+    config = DataConfig(train=[str(path)], eval=[str(path)], chunk_bytes=512, read_bytes=512, holdout=0.002)
+    pieces = list(DocumentSource([str(path)], chunk_bytes=512, read_bytes=512).documents())
+    lowest = min(pieces, key=lambda p: zlib.crc32(p) % 10000)
+    assert len(lowest) < 128 and all(zlib.crc32(p) % 10000 >= 20 for p in pieces)
+    (held_out,) = open_split(config, "eval").documents()
+    assert held_out != lowest and 4 * len(held_out) >= max(map(len, pieces))
+    assert held_out == min((p for p in pieces if 4 * len(p) >= 512), key=lambda p: zlib.crc32(p) % 10000)
+    assert held_out not in set(open_split(config, "train").documents())
 
 
 def test_sources_read_files_directories_globs_jsonl_and_separators(tmp_path):

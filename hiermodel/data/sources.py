@@ -211,13 +211,16 @@ def _jsonl_groups(path: str, field: str, group_field: str, read_bytes: int, cut:
             for value, docs in sorted(groups.items())}
 
 
-def held_out_mask(hashes: np.ndarray, fraction: float) -> np.ndarray:
+def held_out_mask(hashes: np.ndarray, sizes: np.ndarray, fraction: float) -> np.ndarray:
     """Which documents of one file are held out, from a hash of each in 0..9999: a stable choice by
     content (the same text is held out wherever it appears), plus the file's lowest-hashed document
-    where that picks none of two or more, so that every file, and so every language, is evaluated."""
+    where that picks none of two or more, so that every file, and so every language, is evaluated.
+    That one is at least a quarter of the file's largest: a file cut into units of `chunk_bytes`
+    ends each unit in a scrap, which would otherwise be all that is evaluated of it."""
     mask = hashes < fraction * 10000
     if len(hashes) > 1 and not mask.any():
-        mask[np.argmin(hashes)] = True
+        candidates = np.flatnonzero(4 * sizes >= sizes.max())
+        mask[candidates[np.argmin(hashes[candidates])]] = True
     return mask
 
 
@@ -294,10 +297,11 @@ class DocumentSource:
             counts.append(len(pieces))
             hashes += [zlib.crc32(p.data) % 10000 for p in pieces]
             sizes += [len(p.data) for p in pieces]
-        keep = held_out_mask(np.array(hashes, np.int64), fraction) == (split == "eval")
+        sizes = np.array(sizes, np.int64)
+        keep = held_out_mask(np.array(hashes, np.int64), sizes, fraction) == (split == "eval")
         starts = np.cumsum([0] + counts)
         kept = [set(np.flatnonzero(keep[starts[u]:starts[u + 1]]).tolist()) for u in range(reader.units)]
-        return kept, counts, (int(keep.sum()), int(np.array(sizes, np.int64)[keep].sum()))
+        return kept, counts, (int(keep.sum()), int(sizes[keep].sum()))
 
     def __len__(self) -> int:
         return int(self._starts[-1])
