@@ -245,7 +245,9 @@ def test_the_random_twin_is_scored_again_at_the_learned_gates_held_out_rate(tmp_
               "run_dir": str(random_dir)}
     (tmp_path / "learned").mkdir()
     gate_sweep.score_random_at_learned_rates([learned], [learned, random])
-    at_rate = json.loads((tmp_path / "learned" / "result.json").read_text())["random_at_rate"]
+    saved = json.loads((tmp_path / "learned" / "result.json").read_text())
+    at_rate = saved["random_at_rate"]
+    assert "run_dir" not in saved  # where the file lies says it
     assert abs(as_trained["deletion_rate"] - 0.5) < 0.03 and abs(at_rate["deletion_rate"] - 0.2) < 0.03
     assert at_rate["bytes"] == as_trained["bytes"] and at_rate["bpb"] != as_trained["bpb"]
     assert "random_at_rate" not in random

@@ -156,7 +156,13 @@ def score_random_at_learned_rates(runs: list[dict], results: list[dict]) -> None
         print(f"== {run['corpus']}, seed {run['seed']}, {twin['name']}: scoring at {rate:.1%}, the learned "
               "gate's held-out rate", file=sys.stderr, flush=True)
         run["random_at_rate"] = _score(twin["run_dir"], "hard", {"model": {"gate": {"target": rate}}})
-        (Path(run["run_dir"]) / "result.json").write_text(json.dumps(run, indent=2))
+        _save(run)
+
+
+def _save(run: dict) -> None:
+    """A run's result.json; where it lies is its run_dir, which readers fill in."""
+    (Path(run["run_dir"]) / "result.json").write_text(
+        json.dumps({k: v for k, v in run.items() if k != "run_dir"}, indent=2))
 
 
 def computed_share(run: dict) -> float | None:
@@ -240,7 +246,7 @@ def _run(config, corpus: str, seed: int, name: str, soft: bool) -> dict:
               "train": logged, "hard": _score(config.run_dir, "hard"), "training_rate": training_rate(config.run_dir)}
     if soft:
         result["soft"] = _score(config.run_dir, "soft")
-    done.write_text(json.dumps(result, indent=2))
+    _save(result)
     print(f"== {corpus}, seed {seed}, {name}: bpb {result['hard']['bpb']:.4f}", file=sys.stderr, flush=True)
     return result
 
