@@ -9,7 +9,7 @@ import pytest
 from hiermodel.train.checkpoint import checkpoint_dir
 from tests.conftest import MICRO, REPO, micro_config, xla_flags
 from tests.test_cli import wait_for
-from tools import fetch_corpora, gate_sweep
+from tools import fetch_corpora, gate_calibrate, gate_sweep
 
 
 def _result(corpus, seed, name, bpb, deleted=None, target=0.5):
@@ -255,3 +255,51 @@ def test_the_random_twin_is_scored_again_at_the_learned_gates_held_out_rate(tmp_
     assert row["vs_random_at_rate"] == pytest.approx([2.0 - at_rate["bpb"]])
     monkeypatch.setattr(gate_sweep, "_score", lambda *a, **k: pytest.fail("scored twice"))
     gate_sweep.score_random_at_learned_rates([learned], [learned, random])
+
+
+def test_the_bias_shift_deletes_the_target_share_and_moves_every_margin_alike(tmp_path):
+    import itertools
+
+    import jax
+
+    from hiermodel.data.pipeline import train_dataset
+    from hiermodel.data.sources import open_split
+    from hiermodel.eval.score import make_score_fn
+    from hiermodel.run import encoding, load_params
+    from hiermodel.train.loop import train
+
+    margins_N = gate_calibrate.margins(np.array([[0.0, -1.0, -15.0, -29.0], [-30.0, -7.5, -22.5, 0.0]]),
+                                       np.array([[True, True, True, True], [False, True, True, True]]), -30.0)
+    assert margins_N == pytest.approx([np.inf, np.log(29.0), 0.0, -np.log(29.0), np.log(3.0), -np.log(3.0), np.inf])
+    assert gate_calibrate.deleted_share(margins_N) == pytest.approx(2 / 7)
+    shift = gate_calibrate.bias_shift(margins_N, 4 / 7)
+    assert shift == pytest.approx(np.log(29.0)) and gate_calibrate.deleted_share(margins_N, shift) == pytest.approx(4 / 7)
+    assert gate_calibrate.deleted_share(margins_N, gate_calibrate.bias_shift(margins_N, 0.9)) == pytest.approx(5 / 7)
+
+    run = tmp_path / "learned"
+    train(micro_config(run_dir=run, **{"model.kind": "byte", "model.byte_window": 64, "mesh.data": 1,
+                                       "model.gate.layer": 1, "model.gate.target": 0.5, "data.eval": "[builtin:eval]",
+                                       "train.steps": 3}), devices=jax.devices()[:1])
+    config, mesh, graphdef, params = load_params(str(run))
+    with jax.set_mesh(mesh):
+        encoder = encoding(config)
+        soft = make_score_fn(graphdef, "float32", mesh, jax.tree.map(lambda p: p.sharding, params), "soft")
+        batch = next(itertools.islice(iter(train_dataset(config.data, open_split(config.data, "train"),
+                                                         encoder.document, 7, config.train.batch_size)), 1))
+
+        def of(p):
+            scores = soft(p, batch)
+            return gate_calibrate.margins(np.asarray(scores["gates"]), np.asarray(scores["gated"]), -30.0)
+
+        before = of(params)
+        shift = gate_calibrate.bias_shift(before, 0.3)
+        after = of(gate_calibrate.shift_gate_bias(params, shift))
+    finite = np.isfinite(before)
+    assert abs(shift) > 0.1 and finite.mean() > 0.9 and np.all(np.isinf(after[~finite]))
+    assert after[finite] == pytest.approx(before[finite] - shift, abs=1e-4)
+    assert gate_calibrate.deleted_share(after) == pytest.approx(0.3, abs=2 / before.size)
+
+    result = gate_calibrate.calibrate(str(run), batches=2)
+    assert abs(result["train_deleted_calibrated"] - 0.5) < 0.01
+    assert result["held_out"]["bytes"] == result["held_out_calibrated"]["bytes"]
+    assert gate_calibrate.main([str(tmp_path / "none")]) == 2
