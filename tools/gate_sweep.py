@@ -145,7 +145,7 @@ def _random_twin(results: list[dict], run: dict) -> dict | None:
 
 def score_random_at_learned_rates(runs: list[dict], results: list[dict]) -> None:
     """Scores each learned run's random twin (found among results) again at the rate the learned
-    gate deleted held out (the learned rate follows the text, the random one its target), kept in
+    gate deleted held out (where its last steps left its bias sets it; the random one's is its target), kept in
     the learned run's result.json as random_at_rate: the two then differ in which positions they
     delete, not in how many."""
     for run in runs:
