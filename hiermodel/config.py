@@ -65,6 +65,10 @@ class GateConfig:
     # and including the query's, deleted or not. Spelling a word needs its own bytes; the gate
     # decides what of the context beyond them stays.
     full_recent: int = 0
+    # > 0: after the last training step, a learned gate's bias is shifted so that it deletes
+    # `target` of this many training batches (read with another seed). Most gate values lie near
+    # k / 2, so otherwise the last steps' bias sets the rate at inference (BENCHMARKS.md).
+    calibrate: int = 0
 
 
 @dataclasses.dataclass

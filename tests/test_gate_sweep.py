@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from hiermodel.train import calibrate
 from hiermodel.train.checkpoint import checkpoint_dir
 from tests.conftest import MICRO, REPO, micro_config, xla_flags
 from tests.test_cli import wait_for
@@ -257,49 +258,41 @@ def test_the_random_twin_is_scored_again_at_the_learned_gates_held_out_rate(tmp_
     gate_sweep.score_random_at_learned_rates([learned], [learned, random])
 
 
-def test_the_bias_shift_deletes_the_target_share_and_moves_every_margin_alike(tmp_path):
-    import itertools
+def test_the_bias_change_deletes_the_target_share_and_moves_every_margin_alike():
+    margins_N = calibrate.margins(np.array([[0.0, -1.0, -15.0, -29.0], [-30.0, -7.5, -22.5, 0.0]]),
+                                  np.array([[True, True, True, True], [False, True, True, True]]), -30.0)
+    assert margins_N == pytest.approx([np.inf, np.log(29.0), 0.0, -np.log(29.0), np.log(3.0), -np.log(3.0), np.inf])
+    assert calibrate.deleted_share(margins_N) == pytest.approx(2 / 7)
+    change = calibrate.bias_change(margins_N, 4 / 7)
+    assert change == pytest.approx(-np.log(29.0)) and calibrate.deleted_share(margins_N, change) == pytest.approx(4 / 7)
+    # More than the positions that may go: all of those, not the ones that must stay.
+    assert calibrate.deleted_share(margins_N, calibrate.bias_change(margins_N, 0.9)) == pytest.approx(5 / 7)
 
+
+def test_a_run_calibrated_after_training_differs_only_in_its_gate_bias_and_deletes_its_target(tmp_path):
     import jax
 
-    from hiermodel.data.pipeline import train_dataset
-    from hiermodel.data.sources import open_split
-    from hiermodel.eval.score import make_score_fn
-    from hiermodel.run import encoding, load_params
+    from hiermodel.run import load_params
     from hiermodel.train.loop import train
 
-    margins_N = gate_calibrate.margins(np.array([[0.0, -1.0, -15.0, -29.0], [-30.0, -7.5, -22.5, 0.0]]),
-                                       np.array([[True, True, True, True], [False, True, True, True]]), -30.0)
-    assert margins_N == pytest.approx([np.inf, np.log(29.0), 0.0, -np.log(29.0), np.log(3.0), -np.log(3.0), np.inf])
-    assert gate_calibrate.deleted_share(margins_N) == pytest.approx(2 / 7)
-    shift = gate_calibrate.bias_shift(margins_N, 4 / 7)
-    assert shift == pytest.approx(np.log(29.0)) and gate_calibrate.deleted_share(margins_N, shift) == pytest.approx(4 / 7)
-    assert gate_calibrate.deleted_share(margins_N, gate_calibrate.bias_shift(margins_N, 0.9)) == pytest.approx(5 / 7)
+    def run(name, **extra):
+        return train(micro_config(run_dir=tmp_path / name, **{
+            "model.kind": "byte", "model.byte_window": 64, "mesh.data": 1, "model.gate.layer": 1,
+            "model.gate.target": 0.3, "data.eval": "[builtin:eval]", "train.steps": 3, **extra}),
+            devices=jax.devices()[:1])
 
-    run = tmp_path / "learned"
-    train(micro_config(run_dir=run, **{"model.kind": "byte", "model.byte_window": 64, "mesh.data": 1,
-                                       "model.gate.layer": 1, "model.gate.target": 0.5, "data.eval": "[builtin:eval]",
-                                       "train.steps": 3}), devices=jax.devices()[:1])
-    config, mesh, graphdef, params = load_params(str(run))
-    with jax.set_mesh(mesh):
-        encoder = encoding(config)
-        soft = make_score_fn(graphdef, "float32", mesh, jax.tree.map(lambda p: p.sharding, params), "soft")
-        batch = next(itertools.islice(iter(train_dataset(config.data, open_split(config.data, "train"),
-                                                         encoder.document, 7, config.train.batch_size)), 1))
+    plain, calibrated = run("plain"), run("calibrated", **{"model.gate.calibrate": 3})
+    change = calibrated["gate_bias_change"]
+    assert "gate_bias_change" not in plain and abs(change) > 0.05
+    before, after = (load_params(str(tmp_path / name))[3] for name in ("plain", "calibrated"))
+    assert float(after["gate"]["b"][0]) == pytest.approx(float(before["gate"]["b"][0]) + change, abs=1e-6)
+    after["gate"]["b"] = before["gate"]["b"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
 
-        def of(p):
-            scores = soft(p, batch)
-            return gate_calibrate.margins(np.asarray(scores["gates"]), np.asarray(scores["gated"]), -30.0)
-
-        before = of(params)
-        shift = gate_calibrate.bias_shift(before, 0.3)
-        after = of(gate_calibrate.shift_gate_bias(params, shift))
-    finite = np.isfinite(before)
-    assert abs(shift) > 0.1 and finite.mean() > 0.9 and np.all(np.isinf(after[~finite]))
-    assert after[finite] == pytest.approx(before[finite] - shift, abs=1e-4)
-    assert gate_calibrate.deleted_share(after) == pytest.approx(0.3, abs=2 / before.size)
-
-    result = gate_calibrate.calibrate(str(run), batches=2)
-    assert abs(result["train_deleted_calibrated"] - 0.5) < 0.01
-    assert result["held_out"]["bytes"] == result["held_out_calibrated"]["bytes"]
+    # The tool reads the same batches: the calibrated run deletes its target there, the plain one
+    # moves by the same change to get there.
+    assert gate_calibrate.calibrate(str(tmp_path / "plain"), batches=3)["change"] == pytest.approx(change, abs=1e-5)
+    result = gate_calibrate.calibrate(str(tmp_path / "calibrated"), batches=3)
+    assert abs(result["change"]) < 1e-3 and abs(result["train_deleted"] - 0.3) < 0.01
+    assert result["held_out"]["bytes"] == result["held_out_calibrated"]["bytes"] > 0
     assert gate_calibrate.main([str(tmp_path / "none")]) == 2

@@ -174,7 +174,9 @@ def test_bad_gate_settings_are_rejected():
                                ({"model.gate.full_keys": "kept", "model.gate.full_recent": -1}, "full_recent=-1"),
                                ({"model.gate.sgd_lr": -1e-3}, "sgd_lr=-0.001"),
                                ({"model.gate.target_warmup": -5}, "target_warmup=-5"),
-                               ({"model.gate.noise": -1.0}, "noise=-1.0")]:
+                               ({"model.gate.noise": -1.0}, "noise=-1.0"),
+                               ({"model.gate.calibrate": -2}, "calibrate=-2"),
+                               ({"model.gate.calibrate": 4, "model.gate.mode": "random"}, "calibrate=4: .* learned")]:
         with pytest.raises(UserError, match=message):
             check_kind(micro_config(**{"model.kind": "byte", "model.gate.layer": 1, **overrides}).model)
 

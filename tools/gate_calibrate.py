@@ -1,9 +1,10 @@
 """Whether a learned delete gate's held-out deletion misses its target because of where its
 threshold sits. The gate deletes where its score plus bias is below 0; when most scores lie near
-that point, the last training steps' bias sets the rate. This shifts the bias so that the gate
+that point, the last training steps' bias sets the rate. This moves the bias so that the gate
 deletes `target` of the positions of N training batches (read as in training, with another
-seed: no held-out text decides it) and scores the held-out split with hard deletion before and
-after.
+seed: no held-out text decides it; what model.gate.calibrate does after training) and scores the
+held-out split with hard deletion before and after. A run trained with model.gate.calibrate
+reads as calibrated already (a change near 0).
 
     python tools/gate_calibrate.py RUN [RUN ...] [--batches 16] [--output FILE.json]
 """
@@ -16,53 +17,19 @@ import sys
 import numpy as np
 
 from hiermodel.errors import UserError
-
-# The calibration batches' seed: the run's seed plus this, so they are not the batches it trained on last.
-OTHER_SEED = 1000
-
-
-def margins(gates, valid, k: float) -> np.ndarray:
-    """Each valid position's score plus bias, -logit(G / k), from its gate value G in (k, 0];
-    +inf where G is 0 (a position that must stay)."""
-    share = np.asarray(gates, np.float64)[np.asarray(valid, bool)] / k
-    with np.errstate(divide="ignore"):
-        return np.log1p(-share) - np.log(share)
-
-
-def bias_shift(margins_N: np.ndarray, target: float) -> float:
-    """What to subtract from the gate's bias so that a `target` share of these positions (those
-    that may go) is deleted: the margin of the first position kept."""
-    ordered = np.sort(margins_N)
-    finite = ordered[np.isfinite(ordered)]
-    return float(min(ordered[min(round(target * ordered.size), ordered.size - 1)], finite[-1] + 1e-6))
-
-
-def deleted_share(margins_N: np.ndarray, shift: float = 0.0) -> float:
-    """Share deleted (score plus bias below 0) after the bias moved by -shift."""
-    return float(np.mean(margins_N - shift < 0))
-
-
-def shift_gate_bias(params, shift: float):
-    """params with every gate's bias lowered by `shift`."""
-    import jax
-
-    def lower(path, leaf):
-        keys = [getattr(k, "key", None) for k in path]
-        return leaf - shift if keys[-2:] == ["gate", "b"] else leaf
-
-    return jax.tree_util.tree_map_with_path(lower, params)
+from hiermodel.train import calibrate as calibration
 
 
 def calibrate(run_dir: str, batches: int = 16) -> dict:
-    """The bias shift from `batches` training batches, the rates on them before and after, and the
-    held-out hard scores before and after."""
+    """The bias change from `batches` training batches (as model.gate.calibrate does after training),
+    the rates on them before and after, and the held-out hard scores before and after."""
     import jax
 
     from hiermodel.data.pipeline import train_dataset
     from hiermodel.data.sources import open_split
     from hiermodel.eval.score import make_score_fn, score_source
     from hiermodel.run import encoding, load_params
-    from hiermodel.sharding import to_host
+    from hiermodel.train.loop import CALIBRATION_SEED
 
     config, mesh, graphdef, params = load_params(run_dir)
     gate = config.model.gate
@@ -74,21 +41,18 @@ def calibrate(run_dir: str, batches: int = 16) -> dict:
         soft = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings, "soft")
         hard = make_score_fn(graphdef, config.model.compute_dtype, mesh, shardings, "hard")
         train = train_dataset(config.data, open_split(config.data, "train", text=encoder.reads_text), encoder.document,
-                              config.seed + OTHER_SEED, config.train.batch_size)
-        found = []
-        for batch in itertools.islice(iter(train), batches):
-            scores = soft(params, batch)
-            found.append(margins(to_host(scores["gates"]), to_host(scores["gated"]), gate.k))
-        margins_N = np.concatenate(found)
-        shift = bias_shift(margins_N, gate.target)
+                              config.seed + CALIBRATION_SEED, config.train.batch_size)
+        margins_N = calibration.gate_margins(soft, params, itertools.islice(iter(train), batches), gate.k)
+        change = calibration.bias_change(margins_N, gate.target)
 
         def held_out(p):
             return score_source(hard, p, open_split(config.data, "eval", text=encoder.reads_text), encoder.document,
                                 config.data, config.train.batch_size, mesh)
 
-        before, after = held_out(params), held_out(shift_gate_bias(params, shift))
-    return {"run_dir": run_dir, "target": gate.target, "shift": shift, "positions": int(margins_N.size),
-            "train_deleted": deleted_share(margins_N), "train_deleted_calibrated": deleted_share(margins_N, shift),
+        before, after = held_out(params), held_out(calibration.shift_gate_bias(params, change))
+    return {"run_dir": run_dir, "target": gate.target, "change": change, "positions": int(margins_N.size),
+            "train_deleted": calibration.deleted_share(margins_N),
+            "train_deleted_calibrated": calibration.deleted_share(margins_N, change),
             "near_threshold": float(np.mean(np.abs(1 / (1 + np.exp(margins_N)) - 0.5) < 0.1)),
             "held_out": before, "held_out_calibrated": after}
 
@@ -104,7 +68,7 @@ def main(argv=None) -> int:
         for run in args.runs:
             r = calibrate(run, args.batches)
             results.append(r)
-            print(f"{run}: bias shift {r['shift']:+.3f} ({r['near_threshold']:.0%} of G within 0.1 k of k/2); "
+            print(f"{run}: bias moved by {r['change']:+.3f} ({r['near_threshold']:.0%} of G within 0.1 k of k/2); "
                   f"deleted in training batches {r['train_deleted']:.1%} -> {r['train_deleted_calibrated']:.1%}; "
                   f"held out {r['held_out']['deletion_rate']:.1%}, {r['held_out']['bpb']:.4f} bpb -> "
                   f"{r['held_out_calibrated']['deletion_rate']:.1%}, {r['held_out_calibrated']['bpb']:.4f} bpb",

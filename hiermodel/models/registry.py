@@ -49,6 +49,9 @@ def check_kind(config: ModelConfig) -> None:
     if gate.full_recent < 0 or (gate.full_recent and gate.full_keys != "kept"):
         raise UserError(f"model.gate.full_recent={gate.full_recent}: needs model.gate.full_keys=kept and a "
                         f"count of positions >= 0 (full_keys={gate.full_keys!r})")
+    if gate.calibrate < 0 or (gate.calibrate and gate.mode != "learned"):
+        raise UserError(f"model.gate.calibrate={gate.calibrate}: a count of batches >= 0, for a learned gate "
+                        f"(mode={gate.mode!r})")
     if not (gate.k < 0 and 0 <= gate.target < 1 and 0 < gate.logit_cap < -gate.k / 2 and gate.capacity_slack >= 1
             and gate.sgd_lr >= 0 and gate.target_warmup >= 0 and gate.noise >= 0):
         raise UserError(f"model.gate: need k < 0, 0 <= target < 1, 0 < logit_cap < -k/2, capacity_slack >= 1, "

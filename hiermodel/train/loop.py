@@ -2,6 +2,7 @@
 
 import bisect
 import dataclasses
+import itertools
 import math
 import os
 import shutil
@@ -21,7 +22,7 @@ from hiermodel.eval.score import make_score_fn, score_source
 from hiermodel.models.pretrained import backbone_params, with_backbone_from
 from hiermodel.models.registry import check_kind, model_flops, train_flops
 from hiermodel.run import TOKENIZER_FILE, compression_flops_per_byte, encoding, latest_config, open_latest
-from hiermodel.train import hardware
+from hiermodel.train import calibrate, hardware
 from hiermodel.train import state as state_lib
 from hiermodel.train.aot import batch_shapes
 from hiermodel.train.checkpoint import Checkpointer, checkpoint_dir
@@ -136,6 +137,10 @@ def _check_init_from(config: Config) -> tuple[int, bool]:
     return source_step, bool(config.model.gate.layer) and not source_model.gate.layer
 
 
+# model.gate.calibrate reads the training data with the run's seed plus this.
+CALIBRATION_SEED = 1000
+
+
 def train(config: Config, devices=None) -> dict:
     """Train (or resume) the run in config.run_dir on `devices` (default: all); returns the last
     logged metrics, with "stopped_by" (the signal) when a signal stopped it early. Everything
@@ -221,9 +226,16 @@ def train(config: Config, devices=None) -> dict:
             barrier("hiermodel: train step compiled")
         score_fn = make_score_fn(layout.graphdef, config.model.compute_dtype, mesh, layout.param_shardings)
         clock = _Clock(started, earlier, int(state["step"]))
+
+        def calibration_batches():
+            """The batches a learned gate's bias is calibrated on: the training stream's, read with
+            another seed, so that the run's own stream (and its resumes) stay as they are."""
+            return iter(train_dataset(data, source, encoder.document, config.seed + CALIBRATION_SEED, local_batch,
+                                      jax.process_index(), jax.process_count()))
+
         try:
             return _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer,
-                         writer, lr_at, peak, mesh, m1_per_byte, clock)
+                         writer, lr_at, peak, mesh, m1_per_byte, clock, calibration_batches)
         finally:
             checkpointer.wait()
             checkpointer.close()
@@ -306,8 +318,24 @@ class _Profile:
         self.tracing = None
 
 
+def _calibrate_gate(config, state, score_fn, batches, mesh, writer) -> tuple[dict, float]:
+    """The state with its learned gate's bias moved so that the gate deletes its target share of
+    model.gate.calibrate batches; and the change."""
+    gate = config.model.gate
+    try:
+        found = calibrate.gate_margins(score_fn, state["params"],
+                                       (to_global(b, mesh) for b in itertools.islice(batches, gate.calibrate)), gate.k)
+    finally:
+        batches.close()
+    change = calibrate.bias_change(found, gate.target)
+    writer.info(f"model.gate.calibrate={gate.calibrate}: the gate's bias moved by {change:+.4f}, so that it deletes "
+                f"{calibrate.deleted_share(found, change):.1%} of {found.size:,} positions of training batches "
+                f"({calibrate.deleted_share(found):.1%} before)")
+    return {**state, "params": calibrate.shift_gate_bias(state["params"], change)}, change
+
+
 def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source, checkpointer, writer, lr_at, peak,
-          mesh, m1_per_byte, clock):
+          mesh, m1_per_byte, clock, calibration_batches):
     t = config.train
     shape = (config.model, config.data.row_tokens, config.data.row_words)
     step_model_flops = t.batch_size * model_flops(*shape)
@@ -374,6 +402,10 @@ def _loop(config, state, step_fn, score_fn, encoder, data_iterator, eval_source,
                 writer.write(done, last_logged)
                 writer.progress(done, last_logged)
                 window_bytes = window_words = window_steps = 0
+                clock.restart()
+            if done == t.steps and config.model.gate.layer and config.model.gate.calibrate:
+                state, change = _calibrate_gate(config, state, score_fn, calibration_batches(), mesh, writer)
+                last_logged = {**last_logged, "gate_bias_change": change}
                 clock.restart()
             if eval_source is not None and (done % t.eval_every == 0 or done == t.steps):
                 result = score_source(score_fn, state["params"], eval_source, encoder.document, config.data,
