@@ -145,9 +145,9 @@ def _random_twin(results: list[dict], run: dict) -> dict | None:
 
 def score_random_at_learned_rates(runs: list[dict], results: list[dict]) -> None:
     """Scores each learned run's random twin (found among results) again at the rate the learned
-    gate deleted held out (where its last steps left its bias sets it; the random one's is its target), kept in
-    the learned run's result.json as random_at_rate: the two then differ in which positions they
-    delete, not in how many."""
+    gate deleted held out (set by where its last steps left its bias; the random one's is its
+    target), kept in the learned run's result.json as random_at_rate: the two then differ in
+    which positions they delete, not in how many."""
     for run in runs:
         twin = _random_twin(results, run) if run["name"].startswith("learned") else None
         if twin is None or "random_at_rate" in run or "deletion_rate" not in run["hard"]:
